@@ -1,7 +1,7 @@
 """tools/gguf.py: the bundled SmolLM2-135M-Instruct GGUF -> HF model directory.
 
-The converted model is cached via ``ensure_demo_model`` (``$LMTRITON_DATA`` or
-``~/.cache/lmtriton``), so the suite converts at most once (~10 s on CPU).
+Uses the session fixtures of conftest.py (``demo_model_dir`` = ``ensure_demo_model()``, cached in
+``$LMTRITON_DATA`` or ``~/.cache/lmtriton``; ``hf_demo_model``), so the suite converts at most once.
 """
 import importlib.util
 import json
@@ -19,8 +19,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    return ensure_demo_model()
+def model_dir(demo_model_dir):
+    return demo_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,12 @@ def test_tokenizer(tokenizer):
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
 
 
-def test_greedy_chat_says_paris(model_dir, tokenizer):
+def test_greedy_chat_says_paris(hf_demo_model, tokenizer):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     inputs = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        out = hf_demo_model.generate(**inputs, max_new_tokens=32, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
