@@ -45,6 +45,10 @@ class ModelConfig:
         eos = [] if eos is None else (list(eos) if isinstance(eos, (list, tuple)) else [eos])
         qkv_bias = {"Qwen2ForCausalLM": True, "InternLM2ForCausalLM": bool(hf.get("bias", False))}.get(
             arch, bool(hf.get("attention_bias", False)))
+        # transformers >= 5 writes rope_parameters {rope_theta, rope_type, ...}; older configs rope_theta + rope_scaling
+        rp = dict(hf.get("rope_parameters") or {})
+        theta = float(rp.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
         quant = None
         qc = hf.get("quantization_config")
         if qc:
@@ -56,8 +60,7 @@ class ModelConfig:
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rope_scaling=hf.get("rope_scaling"), max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling, max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float16").replace("torch.", ""),
             bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos, quant=quant)
