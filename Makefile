@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo-model convert serve chat demo test test-gpu bench perf clean
+.PHONY: install deps-browser demo-model convert serve chat demo test test-gpu bench perf clean
 
 install: $(VENV)/.installed
 
@@ -47,8 +47,12 @@ chat: install
 demo: install
 	$(VPY) -m tools.cli demo --workspace $(WORKSPACE)
 
-test: install
+test: install deps-browser
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# the web-page test drives Debian's chromium through playwright (a browser build is never downloaded)
+deps-browser:
+	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; }
 
 test-gpu:
 	PYTHONPATH=. python3 -m pytest -m gpu -q
