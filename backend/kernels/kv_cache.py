@@ -5,16 +5,81 @@ Layout, per layer (one tensor for all layers, so a layer is a contiguous view):
              [num_blocks, num_kv_heads, block_size, D // 2] uint8, two 4-bit codes a byte, low nibble first ("int4")
   k_qp, v_qp [num_blocks, num_kv_heads, block_size, 2]      float32 (scale, zero) per token per head (quantized only)
 Quantization is asymmetric per token per head: code = round((x - min) / scale), scale = (max - min) / qmax,
-x ~= code * scale + zero with zero = min.  A token's slot is block_id * block_size + offset.
+x ~= code * scale + zero with zero = min.  A token's slot is block_id * block_size + offset; the GPU write
+skips slots < 0 (the padded rows of a CUDA-graph batch).
+Why [block, head, token, D]: decode attention reads one (block, kv head) as one contiguous run of
+block_size * D elements, and the write of one token touches Hk runs of D elements (cheap).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
+from . import _cupy
+
 QMAX = {"int8": 255, "int4": 15}
+_KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
+
+_WRITE_SOURCE = r"""
+// Block = 2 warps per (token, kv head): warp 0 writes K, warp 1 writes V. Lane l owns elements
+// [l * E, l * E + E) with E = HEAD_DIM / 32, so an int4 pair (2i, 2i+1) never straddles lanes.
+#define E (HEAD_DIM / 32)
+extern "C" __global__ void write_kv(const u16* __restrict__ k, const u16* __restrict__ v, long long k_stride,
+                                    long long v_stride, const int* __restrict__ slots, void* __restrict__ k_cache,
+                                    void* __restrict__ v_cache, float* __restrict__ k_qp, float* __restrict__ v_qp,
+                                    int num_kv_heads, int block_size) {
+    const int t = blockIdx.x / num_kv_heads, h = blockIdx.x - t * num_kv_heads;
+    const int slot = slots[t];
+    if (slot < 0) return;
+    const int lane = threadIdx.x & 31, which = threadIdx.x >> 5;
+    const u16* src = (which ? v + t * v_stride : k + t * k_stride) + h * HEAD_DIM + lane * E;
+    const long long row = ((long long)(slot / block_size) * num_kv_heads + h) * block_size + slot % block_size;
+#if KV_KIND == 0
+    u16* dst = reinterpret_cast<u16*>(which ? v_cache : k_cache) + row * HEAD_DIM + lane * E;
+#pragma unroll
+    for (int i = 0; i < E; ++i) dst[i] = src[i];
+#else
+    float x[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = LOADF(src[i]);
+#if KV_KIND == 1
+    const float qmax = 255.f;
+#else
+    const float qmax = 15.f;
+#endif
+    float lo = x[0], hi = x[0];
+#pragma unroll
+    for (int i = 1; i < E; ++i) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    const float scale = fmaxf((hi - lo) / qmax, 1e-8f);
+    unsigned c[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) c[i] = (unsigned)fminf(fmaxf(rintf((x[i] - lo) / scale), 0.f), qmax);
+    u8* base = reinterpret_cast<u8*>(which ? v_cache : k_cache);
+#if KV_KIND == 1
+    u8* dst = base + row * HEAD_DIM + lane * E;
+#pragma unroll
+    for (int i = 0; i < E; ++i) dst[i] = (u8)c[i];
+#else
+    u8* dst = base + row * (HEAD_DIM / 2) + lane * (E / 2);
+#pragma unroll
+    for (int i = 0; i < E / 2; ++i) dst[i] = (u8)(c[2 * i] | (c[2 * i + 1] << 4));
+#endif
+    if (lane == 0) {
+        float* qp = (which ? v_qp : k_qp) + row * 2;
+        qp[0] = scale;
+        qp[1] = lo;
+    }
+#endif
+}
+"""
 
 
 @dataclass
@@ -101,5 +166,25 @@ def gather_kv_ref(layer: KVLayer, block_ids: torch.Tensor, length: int):
     return out
 
 
-def write_kv(k, v, layer, slot_mapping):
-    write_kv_ref(k, v, layer, slot_mapping)
+def _rows_ok(x: torch.Tensor) -> bool:
+    """[T, Hk, D] with contiguous heads inside each row (a view of the fused qkv output is fine)."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, layer: KVLayer, slot_mapping: torch.Tensor) -> None:
+    """Same contract as write_kv_ref; on the GPU one kernel writes (and quantizes) K and V."""
+    t, hk, d = k.shape
+    if not (_cupy.available(k) and _cupy.supports_dtype(k) and v.dtype == k.dtype and d in (64, 128)
+            and _rows_ok(k) and _rows_ok(v) and slot_mapping.dtype == torch.int32
+            and (layer.kv_dtype != "auto" or layer.k.dtype == k.dtype)):
+        write_kv_ref(k, v, layer, slot_mapping)
+        return
+    if t == 0:
+        return
+    opts = _cupy.dtype_options(k.dtype) + (f"-DHEAD_DIM={d}", f"-DKV_KIND={_KV_KIND[layer.kv_dtype]}")
+    kernel = _cupy.get_kernel(_WRITE_SOURCE, "write_kv", opts)
+    quant = layer.kv_dtype != "auto"
+    _cupy.launch(kernel, (t * hk,), (64,),
+                 (_cupy.ptr(k), _cupy.ptr(v), np.int64(k.stride(0)), np.int64(v.stride(0)), slot_mapping,
+                  layer.k, layer.v, layer.k_qp if quant else _cupy.null_ptr(),
+                  layer.v_qp if quant else _cupy.null_ptr(), np.int32(hk), np.int32(layer.block_size)))

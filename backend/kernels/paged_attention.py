@@ -2,15 +2,28 @@
 
 The new tokens' K/V are written to the cache first; attention then reads the whole context from the cache.
 Query token i of sequence b sits at position context_lens[b] - q_len_b + i and sees keys 0..that position.
+
+GPU: rows with one new token go to the flash-decoding kernel (paged_attention_cuda.py), which reads only device
+tensors and takes `max_context_len` as a static bound (a CUDA graph passes session_len); longer rows (prefill)
+gather their blocks and run torch SDPA (flash / memory-efficient attention), see scripts/bench_attention.py.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .kv_cache import KVLayer, gather_kv_ref
+from . import _cupy
+from .kv_cache import KVLayer, dequantize_ref, gather_kv_ref
+from .paged_attention_cuda import DECODE_SOURCE
+
+PARTITION = 256          # tokens per split; fixed, so results do not depend on the batch or the grid bound
+_KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
+_LOG2E = 1.4426950408889634
 
 
 @dataclass
@@ -46,5 +59,94 @@ def paged_attention_ref(q: torch.Tensor, layer: KVLayer, meta: AttnMetadata, sca
     return out
 
 
-def paged_attention(q, layer, meta, scale):
-    return paged_attention_ref(q, layer, meta, scale)
+def rep_tile(rep: int) -> int:
+    """Query heads per CTA: a divisor of the GQA ratio, at most 4 (8 only when nothing between 2 and 4 divides)."""
+    best = max(d for d in range(1, min(rep, 4) + 1) if rep % d == 0)
+    return rep if best == 1 and rep <= 8 else best
+
+
+def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 max_context_len: int, scale: float, partition: int = PARTITION) -> torch.Tensor:
+    """q: [B, Hq, D] one token per sequence -> [B, Hq, D]. Reads only device tensors (CUDA-graph safe)."""
+    b, hq, d = q.shape
+    hk = layer.k.shape[1]
+    tile = rep_tile(hq // hk)
+    nsplit = max(1, -(-max_context_len // partition))
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    opts = _cupy.dtype_options(q.dtype) + (f"-DHEAD_DIM={d}", f"-DKV_KIND={_KV_KIND[layer.kv_dtype]}",
+                                           f"-DREP={tile}")
+    quant = layer.kv_dtype != "auto"
+    if nsplit > 1:
+        part_acc = torch.empty(b, hq, nsplit, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(b, hq, nsplit, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out      # unused by the kernel
+    _cupy.launch(_cupy.get_kernel(DECODE_SOURCE, "paged_decode", opts), (hq // tile, b, nsplit), (128,),
+                 (q, layer.k, layer.v, layer.k_qp if quant else _cupy.null_ptr(),
+                  layer.v_qp if quant else _cupy.null_ptr(), block_tables, np.int32(block_tables.shape[1]),
+                  context_lens, out, part_acc, part_ml, np.int32(hq), np.int32(hk),
+                  np.int32(int(math.log2(layer.block_size))), np.int32(partition), np.float32(scale * _LOG2E)))
+    if nsplit > 1:
+        _cupy.launch(_cupy.get_kernel(DECODE_SOURCE, "reduce_splits", opts), (b * hq,), (d,),
+                     (part_acc, part_ml, context_lens, out, np.int32(hq), np.int32(nsplit), np.int32(partition)))
+    return out
+
+
+def gather_kv(layer: KVLayer, block_ids: torch.Tensor, length: int, dtype: torch.dtype):
+    """K, V of one sequence in `dtype` (dequantized if needed): [Hk, length, D] each."""
+    out = []
+    for cache, qp in ((layer.k, layer.k_qp), (layer.v, layer.v_qp)):
+        x = cache[block_ids]                                                  # [nblk, Hk, bs, D']
+        if qp is not None:
+            x = dequantize_ref(x, qp[block_ids], layer.kv_dtype).to(dtype)     # [nblk, Hk, bs, D]
+        out.append(x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])[:, :length])
+    return out
+
+
+def prefill_attention(q: torch.Tensor, layer: KVLayer, block_ids: torch.Tensor, ctx_len: int,
+                      scale: float) -> torch.Tensor:
+    """q: [ql, Hq, D] the last ql tokens of a ctx_len-token context -> [ql, Hq, D], by gather + SDPA."""
+    ql, hq, _ = q.shape
+    k, v = gather_kv(layer, block_ids, ctx_len, q.dtype)                      # [Hk, cl, D]
+    rep = hq // k.shape[0]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)       # [Hq, cl, D]
+    qb = q.transpose(0, 1)[None]                                              # [1, Hq, ql, D]
+    if ql == ctx_len:
+        o = F.scaled_dot_product_attention(qb, k[None], v[None], is_causal=True, scale=scale)
+    else:   # causal with the queries at the end of the context
+        pos = torch.arange(ctx_len - ql, ctx_len, device=q.device)
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= pos[:, None]          # [ql, cl]
+        o = F.scaled_dot_product_attention(qb, k[None], v[None], attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)                                               # [ql, Hq, D]
+
+
+def _kernel_ok(q: torch.Tensor, layer: KVLayer) -> bool:
+    return (_cupy.available(q) and _cupy.supports_dtype(q) and q.shape[-1] in (64, 128) and q.is_contiguous()
+            and (layer.kv_dtype != "auto" or layer.k.dtype == q.dtype))
+
+
+def paged_attention(q: torch.Tensor, layer: KVLayer, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    if not _kernel_ok(q, layer):
+        return paged_attention_ref(q, layer, meta, scale)
+    if meta.is_decode:
+        return paged_decode(q, layer, meta.block_tables, meta.context_lens, meta.max_context_len, scale)
+    out = torch.empty_like(q)
+    dec_seqs, dec_toks, start = [], [], 0
+    bs = layer.block_size
+    for b, (ql, cl) in enumerate(zip(meta.q_lens, meta.ctx_lens)):
+        if ql == 1:
+            dec_seqs.append(b)
+            dec_toks.append(start)
+        else:
+            blocks = meta.block_tables[b, :-(-cl // bs)]
+            out[start:start + ql] = prefill_attention(q[start:start + ql], layer, blocks, cl, scale)
+        start += ql
+    if dec_seqs:
+        seqs = torch.tensor(dec_seqs, device=q.device)
+        toks = torch.tensor(dec_toks, device=q.device)
+        max_ctx = max(meta.ctx_lens[b] for b in dec_seqs)
+        out[toks] = paged_decode(q[toks], layer, meta.block_tables[seqs], meta.context_lens[seqs], max_ctx, scale)
+    return out

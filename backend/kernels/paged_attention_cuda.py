@@ -1,0 +1,179 @@
+"""CUDA source of paged decode attention (flash-decoding): one query token per sequence over the paged cache.
+
+Grid (Hq / REP, B, splits): a CTA takes REP query heads sharing one KV head (GQA) of one sequence, over one
+partition of `partition` tokens, and keeps an online softmax. A group of HEAD_DIM / 8 lanes owns one token at a
+time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte loads of int8/int4 codes, dequantized in
+registers with the token's (scale, zero)). Token groups combine through shuffles, warps through shared memory.
+One split writes the output; several write float32 partials that `reduce_splits` combines.
+Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
+Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (1..8).
+"""
+
+DECODE_SOURCE = r"""
+#define VEC 8
+#define LPT (HEAD_DIM / VEC)            // lanes per token
+#define TPW (32 / LPT)                  // tokens per warp at a time
+#define NWARPS 4
+#define NTHREADS (NWARPS * 32)
+#define STEP (NWARPS * TPW)             // tokens per CTA at a time
+#define UNROLL 4
+
+__device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
+
+// Load 8 dims of one token (K or V row) as floats.
+__device__ __forceinline__ void load_row(const void* cache, const float* qp, long long row, int dl, float* x) {
+#if KV_KIND == 0
+    unpack8(*(reinterpret_cast<const uint4*>(cache) + row * LPT + dl), x);
+#else
+    const float2 p = *reinterpret_cast<const float2*>(qp + row * 2);
+#if KV_KIND == 1
+    const uint2 r = *(reinterpret_cast<const uint2*>(cache) + row * LPT + dl);
+    const unsigned w[2] = {r.x, r.y};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = (float)((w[i >> 2] >> (8 * (i & 3))) & 0xffu) * p.x + p.y;
+#else
+    const unsigned w = *(reinterpret_cast<const unsigned*>(cache) + row * LPT + dl);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = (float)((w >> (4 * i)) & 0xfu) * p.x + p.y;
+#endif
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS)
+paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const void* __restrict__ v_cache,
+             const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
+             int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
+             float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
+             int bs_shift, int partition, float qk_scale) {
+    const int b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    const int h0 = blockIdx.x * REP;
+    const int kvh = h0 / (num_heads / num_kv_heads);
+    const int ctx = context_lens[b];
+    const int start = split * partition;
+    if (start >= ctx) {     // nothing to read; a lone split still owes its output (padded graph rows: zeros)
+        if (nsplit == 1)
+            for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS)
+                out[((long long)b * num_heads + h0) * HEAD_DIM + idx] = STOREF(0.f);
+        return;
+    }
+    const int end = min(start + partition, ctx);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int slot = lane / LPT, dl = lane % LPT;
+
+    float qv[REP][8], acc[REP][8], m[REP], l[REP];
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+        unpack8(*reinterpret_cast<const uint4*>(q + ((long long)b * num_heads + h0 + r) * HEAD_DIM + dl * 8), qv[r]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) { qv[r][i] *= qk_scale; acc[r][i] = 0.f; }
+        m[r] = NEG_INF;
+        l[r] = 0.f;
+    }
+    const int* table = block_tables + (long long)b * max_blocks;
+
+    for (int base = start + warp * TPW; base < end; base += STEP * UNROLL) {
+        float kx[UNROLL][8], vx[UNROLL][8];
+        bool valid[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int t = base + u * STEP + slot;
+            valid[u] = t < end;
+            if (valid[u]) {
+                const long long row = (((long long)table[t >> bs_shift] * num_kv_heads + kvh) << bs_shift)
+                                      + (t & ((1 << bs_shift) - 1));
+                load_row(k_cache, k_qp, row, dl, kx[u]);
+                load_row(v_cache, v_qp, row, dl, vx[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int r = 0; r < REP; ++r) {
+                float s = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) s += qv[r][i] * kx[u][i];
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (valid[u]) {
+                    const float m_new = fmaxf(m[r], s);
+                    const float alpha = rescale(m[r], m_new), p = exp2f(s - m_new);
+                    l[r] = l[r] * alpha + p;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[r][i] = acc[r][i] * alpha + p * vx[u][i];
+                    m[r] = m_new;
+                }
+            }
+        }
+    }
+
+    // combine the token groups of a warp (lanes that own the same dims)
+#pragma unroll
+    for (int o = LPT; o < 32; o <<= 1) {
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+            const float m_o = __shfl_xor_sync(0xffffffffu, m[r], o);
+            const float l_o = __shfl_xor_sync(0xffffffffu, l[r], o);
+            const float m_new = fmaxf(m[r], m_o);
+            const float a = rescale(m[r], m_new), c = rescale(m_o, m_new);
+            l[r] = l[r] * a + l_o * c;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float acc_o = __shfl_xor_sync(0xffffffffu, acc[r][i], o);
+                acc[r][i] = acc[r][i] * a + acc_o * c;
+            }
+            m[r] = m_new;
+        }
+    }
+    // combine warps
+    __shared__ float s_acc[NWARPS][REP][HEAD_DIM];
+    __shared__ float s_ml[NWARPS][REP][2];
+    if (slot == 0) {
+#pragma unroll
+        for (int r = 0; r < REP; ++r) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s_acc[warp][r][dl * 8 + i] = acc[r][i];
+            if (dl == 0) { s_ml[warp][r][0] = m[r]; s_ml[warp][r][1] = l[r]; }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS) {
+        const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) mm = fmaxf(mm, s_ml[w][r][0]);
+        float ll = 0.f, aa = 0.f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; ++w) {
+            const float c = rescale(s_ml[w][r][0], mm);
+            ll += s_ml[w][r][1] * c;
+            aa += s_acc[w][r][d] * c;
+        }
+        const long long head = (long long)b * num_heads + h0 + r;
+        if (nsplit == 1) {
+            out[head * HEAD_DIM + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
+        } else {
+            part_acc[(head * nsplit + split) * HEAD_DIM + d] = aa;
+            if (d == 0) { part_ml[(head * nsplit + split) * 2] = mm; part_ml[(head * nsplit + split) * 2 + 1] = ll; }
+        }
+    }
+}
+
+// One block per (sequence, query head), HEAD_DIM threads: combine the splits that hold tokens.
+extern "C" __global__ void reduce_splits(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                                         const int* __restrict__ context_lens, u16* __restrict__ out,
+                                         int num_heads, int nsplit, int partition) {
+    const long long head = blockIdx.x;
+    const int b = blockIdx.x / num_heads, d = threadIdx.x;
+    const int n = min(nsplit, (context_lens[b] + partition - 1) / partition);
+    const float* ml = part_ml + head * nsplit * 2;
+    float mm = NEG_INF;
+    for (int s = 0; s < n; ++s) mm = fmaxf(mm, ml[s * 2]);
+    float ll = 0.f, aa = 0.f;
+    for (int s = 0; s < n; ++s) {
+        const float c = rescale(ml[s * 2], mm);
+        ll += ml[s * 2 + 1] * c;
+        aa += part_acc[(head * nsplit + s) * HEAD_DIM + d] * c;
+    }
+    out[head * HEAD_DIM + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
+}
+"""

@@ -1,0 +1,134 @@
+"""Attention kernels alone on the GPU: paged decode (fp16/int8/int4 KV) against copy bandwidth, and prefill over
+the paged cache (gather + SDPA) against SDPA on contiguous K/V (what a fused flash kernel could at best reach).
+
+  PYTHONPATH=. python3 scripts/bench_attention.py --out $OUT/attention.json
+Decode: batch 16 x 4096 context, block 64, the Llama-2-7B (32:32) and Llama-3-8B (32:8) attention shapes.
+Bytes counted: K and V of every context token (codes + per-token scale/zero for int8/int4), read once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from backend.kernels import paged_attention as pa
+from backend.kernels.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median over `iters` single runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(gib: int = 4) -> float:
+    """Bytes read + written per second by a device-to-device clone of `gib` GiB."""
+    x = torch.randint(-2**31, 2**31 - 1, ((gib << 30) // 4,), dtype=torch.int32, device="cuda")
+    ms = time_ms(lambda: x.clone(), iters=10)
+    del x
+    return 2 * (gib << 30) / (ms / 1e3)
+
+
+def _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers):
+    cache = KVCache(layers, batch * ctx // bs, bs, hk, d, kv_dtype, torch.float16, "cuda")
+    for t in (cache.k, cache.v):
+        t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8, device="cuda") if kv_dtype != "auto"
+                else torch.randn(t.shape, dtype=torch.float16, device="cuda"))
+    if kv_dtype != "auto":
+        cache.k_qp.uniform_(0.01, 0.02)
+        cache.v_qp.uniform_(0.01, 0.02)
+    tables = torch.randperm(batch * ctx // bs, device="cuda").to(torch.int32).view(batch, ctx // bs)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, dtype=torch.float16, device="cuda")
+    per_head = {"auto": 2 * d, "int8": d + 8, "int4": d // 2 + 8}[kv_dtype]
+    return cache, tables, lens, q, 2 * batch * ctx * hk * per_head
+
+
+def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=pa.PARTITION):
+    hq, hk, d = shape
+    layers = 4                                   # rotate layers so that L2 never holds the cache
+    cache, tables, lens, q, nbytes = _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers)
+    state = {"i": 0}
+
+    def step():
+        layer = cache.layer(state["i"] % layers)
+        state["i"] += 1
+        pa.paged_decode(q, layer, tables, lens, ctx, 1 / math.sqrt(d), partition)
+    ms = time_ms(step, iters=40)
+    del cache
+    return {"shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
+            "partition": partition, "ms": ms, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
+
+
+def bench_prefill(hq=32, hk=8, d=128, q_len=2048, prefix=0, bs=64):
+    ctx = prefix + q_len
+    cache = KVCache(1, ctx // bs + 1, bs, hk, d, "auto", torch.float16, "cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    blocks = torch.randperm(ctx // bs + 1, device="cuda")[:-(-ctx // bs)]
+    layer = cache.layer(0)
+    q = torch.randn(q_len, hq, d, dtype=torch.float16, device="cuda")
+    k, v = pa.gather_kv(layer, blocks, ctx, torch.float16)
+    k, v = k.repeat_interleave(hq // hk, 0).contiguous(), v.repeat_interleave(hq // hk, 0).contiguous()
+    qb = q.transpose(0, 1)[None].contiguous()
+
+    def contiguous():
+        if prefix == 0:
+            return F.scaled_dot_product_attention(qb, k[None], v[None], is_causal=True)
+        return F.scaled_dot_product_attention(qb, k[None], v[None], attn_mask=mask)
+    mask = (torch.arange(ctx, device="cuda")[None, :] <= torch.arange(prefix, ctx, device="cuda")[:, None])
+    gathered = time_ms(lambda: pa.prefill_attention(q, layer, blocks, ctx, 1 / math.sqrt(d)))
+    ideal = time_ms(contiguous)
+    flops = 4 * q_len * ctx * hq * d / (2 if prefix == 0 else 1)
+    return {"q_len": q_len, "prefix": prefix, "gather_sdpa_ms": gathered, "sdpa_contiguous_ms": ideal,
+            "gather_sdpa_tflops": flops / gathered / 1e9}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="only the headline decode cases")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bw = copy_bandwidth()
+    res = {"device": torch.cuda.get_device_name(), "copy_bw_GBps": bw / 1e9, "decode": [], "prefill": []}
+    for shape in ((32, 32, 128), (32, 8, 128)):
+        for kv in ("auto", "int8", "int4"):
+            res["decode"].append(bench_decode(shape, kv, bw))
+    if not args.quick:
+        for part in (128, 512, 1024):
+            res["decode"].append(bench_decode((32, 8, 128), "auto", bw, partition=part))
+        res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=1, ctx=4096))
+        res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=64, ctx=1024))
+        res["prefill"].append(bench_prefill(q_len=2048, prefix=0))
+        res["prefill"].append(bench_prefill(q_len=512, prefix=1536))
+    log.info("copy bandwidth %.0f GB/s on %s", bw / 1e9, res["device"])
+    for r in res["decode"]:
+        log.info("decode %-9s kv=%-4s B=%-3d ctx=%-5d P=%-4d %8.3f ms  %5.1f%% of copy bw", r["shape"], r["kv"],
+                 r["batch"], r["ctx"], r["partition"], r["ms"], 100 * r["frac_of_copy_bw"])
+    for r in res["prefill"]:
+        log.info("prefill q=%d prefix=%d: gather+SDPA %.3f ms, SDPA contiguous %.3f ms", r["q_len"], r["prefix"],
+                 r["gather_sdpa_ms"], r["sdpa_contiguous_ms"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
