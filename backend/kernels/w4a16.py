@@ -8,7 +8,15 @@ Canonical checkpoint format (AutoAWQ "gemm", what `lmtriton lite auto_awq` write
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
+
+from . import _cupy
+from .w4a16_runtime import W4A16Runtime, repack, supports
+
+log = logging.getLogger(__name__)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -50,3 +58,83 @@ def w4a16_linear_ref(x: torch.Tensor, qweight, qzeros, scales, group_size: int, 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def quantize_rtn(weight: torch.Tensor, group_size: int):
+    """Round-to-nearest asymmetric int4. weight: [out, in] -> (qweight, qzeros, scales) in the canonical format.
+
+    Quantizes against the fp16-rounded scale that is stored, so |W - dequant| <= scale / 2 wherever the zero
+    point did not have to be clamped (and <= scale everywhere).
+    """
+    out_features, in_features = weight.shape
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}")
+    if in_features % group_size or out_features % 8:
+        raise ValueError(f"weight shape {tuple(weight.shape)}: in_features must be a multiple of group_size="
+                         f"{group_size} and out_features a multiple of 8")
+    w = weight.float().t().reshape(in_features // group_size, group_size, out_features)  # [in/g, g, out]
+    wmax, wmin = w.amax(1).clamp(min=0), w.amin(1).clamp(max=0)                        # [in/g, out]
+    scales = ((wmax - wmin) / 15).clamp(min=1e-6).half()
+    s = scales.float()
+    zeros = (-wmin / s).round().clamp(0, 15)
+    q = (w / s.unsqueeze(1) + zeros.unsqueeze(1)).round().clamp(0, 15)                 # [in/g, g, out]
+    return pack_awq(q.reshape(in_features, out_features)), pack_awq(zeros), scales
+
+
+def random_awq_linear(in_features: int, out_features: int, group_size: int = 128, dtype=torch.float16,
+                      device="cpu", bias: bool = False, std: float = 0.02, seed: int = 0):
+    """A Linear with random weights quantized RTN (benchmarks build W4A16 models of real shapes on the device)."""
+    from ..model.layers import Linear  # layers imports this module
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen, device=device, dtype=torch.float32) * std
+    qweight, qzeros, scales = quantize_rtn(w, group_size)
+    b = (torch.randn(out_features, generator=gen, device=device) * std).to(dtype) if bias else None
+    return Linear(bias=b, qweight=qweight, qzeros=qzeros, scales=scales, group_size=group_size)
+
+
+def prepare(linear) -> W4A16Runtime:
+    """Re-pack a Linear's canonical AWQ tensors for the CUDA kernels once; stored in `linear.runtime`.
+
+    Shapes the kernels do not take get `linear.runtime = False` and run as dequantized fp16 through cuBLAS.
+    """
+    K, N = linear.qweight.shape[0], linear.scales.shape[1]
+    reason = supports(K, N, linear.group_size)
+    if reason:
+        log.warning("W4A16 %dx%d runs dequantized through cuBLAS: %s", K, N, reason)
+        linear.runtime = False
+        return None
+    q = unpack_awq(linear.qweight)
+    z = unpack_awq(linear.qzeros)
+    scales = linear.scales if linear.scales.dtype in (torch.float16, torch.bfloat16) else linear.scales.half()
+    linear.runtime = repack(q, z, scales, linear.group_size)
+    return linear.runtime
+
+
+# Token counts where each CUDA path wins (measured by scripts/bench_kernels.py, see docs/benchmarks.md).
+GEMV_MAX_TOKENS = 16
+GEMM_MAX_TOKENS = 512
+
+
+def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
+    """x: [..., in] -> [..., out]. CUDA fp16/bf16: GEMV, tensor-core GEMM or dequant + cuBLAS by token count."""
+    bias = linear.bias
+    if not (_cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16)):
+        return w4a16_linear_ref(x, linear.qweight, linear.qzeros, linear.scales, linear.group_size, bias)
+    rt = prepare(linear) if linear.runtime is None else linear.runtime
+    if rt is False:
+        return F.linear(x, linear.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+    from . import w4a16_gemm, w4a16_gemv
+    x2 = x.reshape(-1, x.shape[-1])                                   # [T, in]
+    if not x2.is_contiguous() or x2.data_ptr() % 16:   # the kernels read 16-byte pieces of each row
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    T = x2.shape[0]
+    if T == 0:
+        y = x2.new_empty(0, rt.out_features)
+    elif T <= GEMV_MAX_TOKENS:
+        y = w4a16_gemv.gemv(x2, rt, b)
+    elif T <= GEMM_MAX_TOKENS:
+        y = w4a16_gemm.gemm(x2, rt, b)
+    else:
+        y = w4a16_gemm.dequant_matmul(x2, rt, b)
+    return y.reshape(*x.shape[:-1], rt.out_features)

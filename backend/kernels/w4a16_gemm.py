@@ -1,0 +1,212 @@
+"""W4A16 GEMM for prefill (many tokens): mma.sync m16n8k16 tiles with int4 weights dequantized in registers,
+and the dequantize kernel behind the dequant + cuBLAS path for the largest token counts.
+
+A block of 8 warps computes BN output channels x BM tokens; a 3-stage cp.async ring brings each k-chunk of 64
+(weights already in fragment order, activations with a swizzle that keeps the 16-byte fragment reads free of
+bank conflicts, scales and zeros) into shared memory. Each warp owns 2 n-tiles x MTW token tiles: a weight word
+is dequantized once and multiplied into MTW mma's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _cupy
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, allow_shared
+
+_GEMM = DEVICE_HELPERS + r"""
+// -D: IS_BF16, GROUP_SIZE, BM (tokens per block), WARPS_M (warps along tokens), STAGES
+#define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)
+#define WARPS_N (8 / WARPS_M)
+#define NTW 2                           // n-tiles per warp
+#define MTW (BM / 8 / WARPS_M)          // token tiles of 8 per warp
+#define NTB (NTW * WARPS_N)             // n-tiles per block
+#define W_U4 (NTB * 32)
+#define X_U4 (BM * 8)
+#define S_U32 (NTB * NG_CHUNK * 8)      // scale pairs [NTB][NG_CHUNK][g]
+#define Z_U32 (NTB * NG_CHUNK * 2)      // zero bytes  [NTB][NG_CHUNK][g] as words
+#define STAGE_U4 (W_U4 + X_U4 + (S_U32 + Z_U32 + 3) / 4)
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
+           const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K) {
+    extern __shared__ uint4 smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int wn = warp % WARPS_N, wm = warp / WARPS_N;
+    const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
+    const int ntb0 = blockIdx.x * NTB, m0 = blockIdx.y * BM;
+
+    auto load_stage = [&](int slot, int c) {
+        const bool ok = c < nchunks;
+        const int cc = ok ? c : 0;
+        uint4* st = smem + slot * STAGE_U4;
+        for (int v = tid; v < W_U4; v += 256) {
+            const int nt = ntb0 + v / 32;
+            cp_async16_cg(st + v, qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31), ok && nt < ntiles);
+        }
+        for (int v = tid; v < X_U4; v += 256) {
+            const int row = v >> 3, u = v & 7;
+            const bool rok = ok && m0 + row < M;
+            const u16* src = x + (size_t)(rok ? m0 + row : 0) * K + cc * 64 + u * 8;
+            cp_async16_ca(st + W_U4 + row * 8 + (u ^ ((row & 1) << 2)), src, rok);
+        }
+        u32* meta = reinterpret_cast<u32*>(st + W_U4 + X_U4);
+        for (int v = tid; v < S_U32 + Z_U32; v += 256) {
+            const bool is_s = v < S_U32;
+            const int e = is_s ? v : v - S_U32;
+            const int per = is_s ? 8 : 2;
+            const int jb = e / (NG_CHUNK * per), q = (e / per) % NG_CHUNK, k = e % per;
+            const int nt = min(ntb0 + jb, ntiles - 1);
+            const size_t row = (size_t)nt * ngroups + (cc * 64 + q * 32) / GROUP_SIZE;
+            cp_async4(meta + v, is_s ? scales + row * 8 + k : zero_words + row * 2 + k, ok);
+        }
+    };
+
+    float acc[NTW][MTW][4];
+#pragma unroll
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+        for (int m = 0; m < MTW; ++m) acc[j][m][0] = acc[j][m][1] = acc[j][m][2] = acc[j][m][3] = 0.f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) { load_stage(s, s); cp_async_commit(); }
+    for (int c = 0; c < nchunks; ++c) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();                        // chunk c landed; every warp is done with chunk c-1's slot
+        load_stage((c + STAGES - 1) % STAGES, c + STAGES - 1);
+        cp_async_commit();
+
+        const uint4* st = smem + (c % STAGES) * STAGE_U4;
+        const u32* meta = reinterpret_cast<const u32*>(st + W_U4 + X_U4);
+        uint4 w[NTW];
+#pragma unroll
+        for (int j = 0; j < NTW; ++j) w[j] = st[(wn * NTW + j) * 32 + lane];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint4 b[MTW];
+#pragma unroll
+            for (int m = 0; m < MTW; ++m) {
+                const int row = (wm * MTW + m) * 8 + g;
+                b[m] = st[W_U4 + row * 8 + ((4 * h + t) ^ ((row & 1) << 2))];
+            }
+            const int q = NG_CHUNK == 2 ? h : 0;
+#pragma unroll
+            for (int j = 0; j < NTW; ++j) {
+                const int jb = wn * NTW + j;
+                const u32 zw = meta[S_U32 + (jb * NG_CHUNK + q) * 2 + (g >> 2)];
+                const GroupParams p = group_params(meta[(jb * NG_CHUNK + q) * 8 + g], (zw >> (8 * (g & 3))) & 0xFFu);
+#pragma unroll
+                for (int jj = 0; jj < 2; ++jj) {
+                    u32 a[4];
+                    dequant_word(word_of(w[j], 2 * h + jj), p, a);
+#pragma unroll
+                    for (int m = 0; m < MTW; ++m)
+                        mma16816(acc[j][m], a, word_of(b[m], 2 * jj), word_of(b[m], 2 * jj + 1));
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // acc[j][m][r]: channel 16*(ntb0 + wn*NTW + j) + g + 8*(r/2), token m0 + 8*(wm*MTW + m) + 2t + (r%2)
+#pragma unroll
+    for (int j = 0; j < NTW; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
+            if (n >= N) continue;
+            const float b = bias ? act_to_float(bias[n]) : 0.f;
+#pragma unroll
+            for (int m = 0; m < MTW; ++m) {
+                const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
+                if (tok < M) y[(size_t)tok * N + n] = float_to_act(acc[j][m][r] + b);
+            }
+        }
+    }
+}
+"""
+
+_DEQUANT = DEVICE_HELPERS + r"""
+// One thread per (n-tile, k-chunk, lane): 32 weights -> four 16-byte rows of W^T [N, K]. -D: IS_BF16, GROUP_SIZE
+extern "C" __global__ void w4a16_dequant(const uint4* __restrict__ qw, const u32* __restrict__ scales,
+                                         const u8* __restrict__ zeros, u16* __restrict__ wt, int N, int K) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int nchunks = K >> 6, ngroups = K / GROUP_SIZE;
+    if (i >= (long long)(N >> 4) * nchunks * 32) return;
+    const int lane = i & 31, g = lane >> 2, t = lane & 3;
+    const int c = (int)((i >> 5) % nchunks), nt = (int)((i >> 5) / nchunks);
+    const uint4 w = qw[i];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const size_t off = ((size_t)nt * ngroups + (c * 64 + h * 32) / GROUP_SIZE) * 8 + g;
+        const GroupParams p = group_params(scales[off], zeros[off]);
+        u32 lo[4], hi[4];
+        dequant_word(word_of(w, 2 * h), p, lo);
+        dequant_word(word_of(w, 2 * h + 1), p, hi);
+        const size_t k = (size_t)c * 64 + h * 32 + t * 8;
+        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g) * K + k) = make_uint4(lo[0], lo[2], hi[0], hi[2]);
+        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g + 8) * K + k) = make_uint4(lo[1], lo[3], hi[1], hi[3]);
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    bm: int = 128      # tokens per block
+    warps_m: int = 2   # warps along tokens (of 8); n-tiles per block = 2 * (8 // warps_m)
+    stages: int = 3
+
+    @property
+    def bn(self) -> int:
+        return 32 * (8 // self.warps_m)
+
+    def options(self, dtype: torch.dtype, group_size: int):
+        return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DBM={self.bm}",
+                f"-DWARPS_M={self.warps_m}", f"-DSTAGES={self.stages}")
+
+    def shared_bytes(self, group_size: int) -> int:
+        ng = 2 if group_size == 32 else 1
+        ntb = self.bn // 16
+        meta_u4 = -(-(ntb * ng * 10) // 4)
+        return self.stages * 16 * (ntb * 32 + self.bm * 8 + meta_u4)
+
+
+def default_config(M: int) -> GemmConfig:
+    return GemmConfig(bm=64, warps_m=2) if M <= 256 else GemmConfig(bm=128, warps_m=2)
+
+
+def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16 contiguous -> y: [M, N] through the tensor-core W4A16 kernel."""
+    M, K = x.shape
+    N = rt.out_features
+    cfg = config or default_config(M)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size))
+    smem = cfg.shared_bytes(rt.group_size)
+    allow_shared(kernel, smem)
+    grid = (-(-N // cfg.bn), -(-M // cfg.bm))
+    bias_arg = bias if bias is not None else np.uint64(0)
+    _cupy.launch(kernel, grid, (256,), (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
+                                        np.int32(M), np.int32(N), np.int32(K)), shared_mem=smem)
+    return y
+
+
+def dequantize(rt: W4A16Runtime, dtype: torch.dtype) -> torch.Tensor:
+    """-> W^T [N, K] in dtype, the weight layout of F.linear (rounding as the reference's dequantize_awq)."""
+    N, K = rt.out_features, rt.in_features
+    wt = torch.empty(N, K, dtype=dtype, device=rt.qweight.device)
+    kernel = _cupy.get_kernel(_DEQUANT, "w4a16_dequant",
+                              (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={rt.group_size}"))
+    n = (N // 16) * (K // 64) * 32
+    _cupy.launch(kernel, (-(-n // 256),), (256,), (rt.qweight, rt.scales_for(dtype), rt.zeros, wt,
+                                                   np.int32(N), np.int32(K)))
+    return wt
+
+
+def dequant_matmul(x: torch.Tensor, rt: W4A16Runtime, bias=None) -> torch.Tensor:
+    """The large-M path: dequantize once per call, then cuBLAS."""
+    return torch.nn.functional.linear(x, dequantize(rt, x.dtype), bias)
