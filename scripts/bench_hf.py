@@ -49,7 +49,8 @@ def shared_weight_model(engine):
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_cfg)
     model.load_state_dict(sd, assign=True, strict=True)
-    model.model.rotary_emb = LlamaRotaryEmbedding(hf_cfg, device=runner.device)   # a buffer: not in the dict
+    with torch.device(runner.device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(hf_cfg)       # its inv_freq is a buffer, not in the dict
     return model.eval()
 
 
