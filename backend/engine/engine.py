@@ -170,9 +170,11 @@ class LLMEngine:
         if seq.session_id is not None and reason == FinishReason.ABORT and keep_session:
             # an aborted turn leaves no trace: roll back to the end of the prompt of this turn
             seq.truncate_output(0)
-        if seq.session_id is not None and not keep_session:
-            self.sessions.pop(seq.session_id, None)
+        if seq.session_id is not None and not keep_session and self.sessions.get(seq.session_id) is seq:
+            ended = seq.session_id in self.end_after_turn
+            self.sessions.pop(seq.session_id)
             self.end_after_turn.discard(seq.session_id)
+            self._remember_expired(seq.session_id, "ended with END" if ended else f"its turn ended: {reason.value}")
         self.scheduler.finish(seq, keep_session)
         if keep_session:
             self.block_manager.rewind(seq, seq.num_computed_tokens)
