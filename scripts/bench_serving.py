@@ -11,14 +11,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 from pathlib import Path
 
 from tqdm import tqdm
 
 from backend.config import EngineConfig
-from backend.engine.engine import LLMEngine
-from backend.llm import load_tokenizer, stop_token_ids
+from backend.engine.core import build_engine
+from backend.llm import load_tokenizer
 
 from . import bench_common, bench_report, bench_throughput, bench_workload, plots, serving_load
 
@@ -30,33 +31,39 @@ COLUMNS = bench_throughput.COLUMNS + [("inprocess.output_tok_s", "in-process out
 _PARAM = re.compile(r'key:\s*"(\w+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"')
 
 
-def served_engine_config(config_pbtxt: Path) -> EngineConfig:
-    """The EngineConfig the served model runs with, read from its config.pbtxt parameters."""
-    params = dict(_PARAM.findall(config_pbtxt.read_text()))
-    kw = {}
+def served_params(repo: Path, model_name: str) -> dict:
+    """config.pbtxt string parameters of the served model, with weights_dir/tokenizer_dir made absolute."""
+    model_dir = repo / model_name
+    params = dict(_PARAM.findall((model_dir / "config.pbtxt").read_text()))
+    for key in ("weights_dir", "tokenizer_dir"):
+        params[key] = os.path.normpath(model_dir / params[key])
+    return params
+
+
+def served_engine_config(params: dict) -> dict:
+    """The EngineConfig fields (+ tokenizer_dir) the served engine runs with, typed as the frontend types them."""
+    defaults = EngineConfig()
+    out = {"model": params["weights_dir"], "tokenizer_dir": params["tokenizer_dir"]}
     for f in dataclasses.fields(EngineConfig):
-        raw = params.get("weights_dir" if f.name == "model" else f.name, "")
-        if raw == "" or raw.startswith("${"):
+        raw, default = params.get(f.name, ""), getattr(defaults, f.name)
+        if f.name == "model" or raw == "":
             continue
-        default = f.default
-        kw[f.name] = (raw.lower() in ("1", "true", "yes") if isinstance(default, bool) else
-                      type(default)(float(raw)) if isinstance(default, (int, float)) and default is not None else
-                      int(raw) if f.name == "quant_policy" else raw)
-    return EngineConfig(**kw)
+        out[f.name] = (raw.lower() in ("true", "1") if isinstance(default, bool) else
+                       int(raw) if default is None else type(default)(raw))
+    return out
 
 
-def inprocess_baseline(repo: Path, model_name: str, lengths, concurrency, seed: int) -> tuple:
-    """(rows per concurrency, token prompts) of the served model's engine run in this process."""
-    config_path = repo / model_name / "config.pbtxt"
-    config = served_engine_config(config_path)
-    params = dict(_PARAM.findall(config_path.read_text()))
-    tokenizer = load_tokenizer(params.get("tokenizer_dir") or config.model)
-    engine = LLMEngine(config)
-    engine.runner.eos_ids = stop_token_ids(tokenizer, engine.runner.eos_ids)
-    mut = bench_common.ModelUnderTest(engine, model_name, tokenizer, config.model)
+def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bool = True) -> tuple:
+    """Rows per concurrency of the served model's engine run in this process, its description, its tokenizer."""
+    engine = build_engine(served_engine_config(params))
+    tokenizer = load_tokenizer(params["tokenizer_dir"])
+    mut = bench_common.ModelUnderTest(engine, Path(params["weights_dir"]).parent.name, tokenizer,
+                                      params["weights_dir"])
     texts = bench_workload.text_prompts(tokenizer, lengths, seed)
     prompts = [tokenizer.encode(t, add_special_tokens=True) for t in texts]
     outs = [b for _, b in lengths]
+    if warmup:
+        bench_throughput.run_workload(engine, prompts[:4], [min(4, o) for o in outs[:4]], 4, "warmup")
     rows = {}
     for c in concurrency:
         with tqdm(total=len(prompts), desc=f"in-process c={c}", unit="req") as bar:
@@ -71,7 +78,9 @@ def inprocess_baseline(repo: Path, model_name: str, lengths, concurrency, seed: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lmtriton bench serving", description=__doc__.split("\n")[0])
     bench_throughput.add_workload_args(p)
-    p.add_argument("--workspace", default="workspace", help="converted workspace: its model_repository is served")
+    p.add_argument("--workspace", default="workspace",
+                   help="converted workspace (`make convert`): its model_repository is served, and its engine "
+                        "parameters and weights make the in-process baseline")
     p.add_argument("--url", default=None, help="gRPC host:port of a running tritonserver (skips the launch)")
     p.add_argument("--model-name", default="llm")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process baseline")
@@ -86,14 +95,13 @@ def main(argv=None) -> int:
     conc = [int(c) for c in args.concurrency.split(",")]
     lengths = bench_workload.load_lengths(args.num_prompts, args.seed, args.max_input_len, args.max_output_len)
     repo = Path(args.workspace) / "model_repository"
-    base, desc, tokenizer = ({}, {"model": args.model_name}, None)
-    if not args.no_inprocess or args.url is None:
-        if not (repo / args.model_name / "config.pbtxt").exists():
-            raise SystemExit(f"{repo / args.model_name / 'config.pbtxt'} not found: run `make convert` first")
+    if not (repo / args.model_name / "config.pbtxt").exists():
+        raise SystemExit(f"{repo / args.model_name / 'config.pbtxt'} not found: run `make convert` first")
+    params = served_params(repo, args.model_name)
+    base, desc = {}, {"model": Path(params["weights_dir"]).parent.name}
     if not args.no_inprocess:
-        base, desc, tokenizer = inprocess_baseline(repo, args.model_name, lengths, conc, args.seed)
-    if tokenizer is None:
-        params = dict(_PARAM.findall((repo / args.model_name / "config.pbtxt").read_text()))
+        base, desc, tokenizer = inprocess_baseline(params, lengths, conc, args.seed, warmup=not args.smoke)
+    else:
         tokenizer = load_tokenizer(params["tokenizer_dir"])
     texts = bench_workload.text_prompts(tokenizer, lengths, args.seed)
     if args.url:

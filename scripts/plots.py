@@ -79,8 +79,11 @@ def plot_concurrency(docs: List[dict], out: Path) -> None:
         ax2.plot(c, [r["tpot_ms"]["p50"] for r in rows], "s:", color=line.get_color(), label=f"{name} TPOT p50")
         base = [r for r in rows if r.get("inprocess")]
         if base:
-            ax1.plot([r["concurrency"] for r in base], [r["inprocess"]["output_tok_s"] for r in base], "x--",
-                     color=line.get_color(), label=label(doc) + " in-process (same run)")
+            cb = [r["concurrency"] for r in base]
+            ax1.plot(cb, [r["inprocess"]["output_tok_s"] for r in base], "x--", color=line.get_color(),
+                     label=label(doc) + " in-process (same run)")
+            ax2.plot(cb, [r["inprocess"]["ttft_ms"]["p50"] for r in base], "x--", color=line.get_color(),
+                     label=label(doc) + " in-process TTFT p50")
     ax1.set_ylabel("output tokens/s")
     ax2.set_ylabel("milliseconds")
     ax2.set_yscale("log")
