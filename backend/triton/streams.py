@@ -121,6 +121,7 @@ class StreamSet:
             pb.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
             pb.Tensor("prompt_tokens", np.array([[row.prompt_tokens]], dtype=np.int32)),
             pb.Tensor("completion_tokens", np.array([[completion]], dtype=np.int32)),
+            pb.Tensor("cached_tokens", np.array([[row.cached_tokens]], dtype=np.int32)),
             pb.Tensor("log_probs", np.array([lps], dtype=np.float32).reshape(1, -1)),
         ]
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
@@ -146,6 +147,7 @@ class StreamSet:
                    pb.Tensor("finish_reason", np.array([[b"stop"]], dtype=np.object_)),
                    pb.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
                    pb.Tensor("completion_tokens", np.array([[0]], dtype=np.int32)),
+                   pb.Tensor("cached_tokens", np.array([[0]], dtype=np.int32)),
                    pb.Tensor("log_probs", np.zeros((1, 0), dtype=np.float32))]
         sender.send(pb.InferenceResponse(output_tensors=tensors), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
