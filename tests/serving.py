@@ -1,0 +1,61 @@
+"""Test helper for the client tests: a small demo workspace and one real tritonserver per test module.
+
+Import the fixture into a test module (`from tests.serving import triton_server`); each module gets its own
+server (the OpenAI tests stop theirs on purpose). The converted workspace is shared by the whole session.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scripts.launch_triton_server import TritonServer
+
+MODEL = "llm"
+# small and CPU-friendly: fp32 on CPU, 256 KV blocks of 16 tokens, no CUDA graphs
+PARAMS = {"dtype": "float32", "device": "cpu", "session_len": "1024", "max_batch_size": "8",
+          "cache_block_seq_len": "16", "cache_max_entry_count": "256", "use_cuda_graph": "false"}
+
+
+@dataclass
+class Served:
+    server: TritonServer
+    tokenizer_dir: Path
+    model: str = MODEL
+    session_model: str = MODEL + "_session"
+
+    grpc_url = property(lambda self: self.server.grpc_url)
+    http_url = property(lambda self: self.server.http_url)
+    metrics_url = property(lambda self: self.server.metrics_url)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def demo_workspace(tmp_path_factory) -> Path:
+    workspace = tmp_path_factory.getbasetemp() / "clients_workspace"
+    if not (workspace / "model_repository" / MODEL / "config.pbtxt").exists():
+        from tools.convert import convert
+        convert("demo", workspace, MODEL, params=dict(PARAMS))
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def triton_server(tmp_path_factory):
+    workspace = demo_workspace(tmp_path_factory)
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    with TritonServer(workspace / "model_repository", http_port=0, grpc_port=0, metrics_port=0,
+                      log_file=log) as server:
+        yield Served(server, workspace / "tokenizer")
+
+
+def metric_value(served: Served, name: str) -> float:
+    """Sum of a metric's samples (over labels) on Triton's metrics port."""
+    text = httpx.get(served.metrics_url, timeout=5).text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    if not values:
+        raise KeyError(f"metric {name} not found on {served.metrics_url}")
+    return sum(values)
