@@ -15,6 +15,9 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+BENCH_DIR ?= $(WORKSPACE)/bench
+BENCH_ARGS ?=
+PERF_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -57,11 +60,18 @@ deps-browser:
 test-gpu:
 	PYTHONPATH=. python3 -m pytest -m gpu -q
 
+# benchmarks (docs/benchmarks.md): the default is the CPU smoke set; on a GPU e.g.
+#   make bench MODEL=llama2-7b BENCH_ARGS="--dtype float16"   (random weights of the real shape)
 bench: install
-	$(VPY) -m tools.cli bench generation --smoke
+	$(VPY) -m tools.cli bench generation --model $(MODEL) --out-dir $(BENCH_DIR) $(or $(BENCH_ARGS),--smoke)
+	$(VPY) -m tools.cli bench throughput --model $(MODEL) --out-dir $(BENCH_DIR) $(or $(BENCH_ARGS),--smoke)
 
+# perf_analyzer (tritonclient[all] wheel) against the served model; it links Debian libb64-0d
 perf: install
-	$(VPY) -m scripts.perf_analyzer_run --workspace $(WORKSPACE)
+	@ldconfig -p | grep -q libb64.so.0d || (apt-get update -qq && apt-get install -y -qq libb64-0d)
+	test -f $(WORKSPACE)/model_repository/$(NAME)/config.pbtxt || $(MAKE) convert
+	$(VPY) -m scripts.perf_analyzer_run --workspace $(WORKSPACE) --model-name $(NAME) \
+	  --out-dir $(WORKSPACE)/perf $(PERF_ARGS)
 
 clean:
 	rm -rf $(VENV) $(WORKSPACE) .pytest_cache
