@@ -121,7 +121,7 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
     if not (_cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16)):
         return w4a16_linear_ref(x, linear.qweight, linear.qzeros, linear.scales, linear.group_size, bias)
     rt = prepare(linear) if linear.runtime is None else linear.runtime
-    if rt is False:
+    if rt is None or rt is False:
         return F.linear(x, linear.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
     from . import w4a16_gemm, w4a16_gemv
     x2 = x.reshape(-1, x.shape[-1])                                   # [T, in]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import _cupy
-from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, allow_shared
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _GEMM = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, BM (tokens per block), WARPS_M (warps along tokens), STAGES
@@ -45,13 +45,13 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         uint4* st = smem + slot * STAGE_U4;
         for (int v = tid; v < W_U4; v += 256) {
             const int nt = ntb0 + v / 32;
-            cp_async16_cg(st + v, qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31), ok && nt < ntiles);
+            cp_async16_cg(smem_addr(st + v), qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31), ok && nt < ntiles);
         }
         for (int v = tid; v < X_U4; v += 256) {
             const int row = v >> 3, u = v & 7;
             const bool rok = ok && m0 + row < M;
             const u16* src = x + (size_t)(rok ? m0 + row : 0) * K + cc * 64 + u * 8;
-            cp_async16_ca(st + W_U4 + row * 8 + (u ^ ((row & 1) << 2)), src, rok);
+            cp_async16_ca(smem_addr(st + W_U4 + row * 8 + (u ^ ((row & 1) << 2))), src, rok);
         }
         u32* meta = reinterpret_cast<u32*>(st + W_U4 + X_U4);
         for (int v = tid; v < S_U32 + Z_U32; v += 256) {
@@ -61,7 +61,7 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
             const int jb = e / (NG_CHUNK * per), q = (e / per) % NG_CHUNK, k = e % per;
             const int nt = min(ntb0 + jb, ntiles - 1);
             const size_t row = (size_t)nt * ngroups + (cc * 64 + q * 32) / GROUP_SIZE;
-            cp_async4(meta + v, is_s ? scales + row * 8 + k : zero_words + row * 2 + k, ok);
+            cp_async4(smem_addr(meta + v), is_s ? scales + row * 8 + k : zero_words + row * 2 + k, ok);
         }
     };
 
@@ -147,8 +147,8 @@ extern "C" __global__ void w4a16_dequant(const uint4* __restrict__ qw, const u32
         dequant_word(word_of(w, 2 * h), p, lo);
         dequant_word(word_of(w, 2 * h + 1), p, hi);
         const size_t k = (size_t)c * 64 + h * 32 + t * 8;
-        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g) * K + k) = make_uint4(lo[0], lo[2], hi[0], hi[2]);
-        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g + 8) * K + k) = make_uint4(lo[1], lo[3], hi[1], hi[3]);
+        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g) * K + k) = u4(lo[0], lo[2], hi[0], hi[2]);
+        *reinterpret_cast<uint4*>(wt + (size_t)(16 * nt + g + 8) * K + k) = u4(lo[1], lo[3], hi[1], hi[3]);
     }
 }
 """
@@ -185,9 +185,8 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     N = rt.out_features
     cfg = config or default_config(M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size))
     smem = cfg.shared_bytes(rt.group_size)
-    allow_shared(kernel, smem)
+    kernel = kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size), smem, x.device.index)
     grid = (-(-N // cfg.bn), -(-M // cfg.bm))
     bias_arg = bias if bias is not None else np.uint64(0)
     _cupy.launch(kernel, grid, (256,), (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,

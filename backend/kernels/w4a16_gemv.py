@@ -15,16 +15,17 @@ import numpy as np
 import torch
 
 from . import _cupy
-from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, allow_shared
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, MT (8-token tiles), NT (n-tiles per block), KS (warps per block), STAGES (chunks in
-// flight per warp). Each lane copies, and later reads, only its own 16-byte pieces: no barrier inside the loop.
-#define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)   // groups met in one k-chunk of 64
-#define W_U4 (NT * 32)                          // weights of one chunk: [NT][lane] uint4
-#define X_U4 (MT * 64)                          // activations of one chunk: [8*MT rows][8] uint4
-#define META_U32 (NT * NG_CHUNK * 32 * 2)       // [scale | zero word][NT][NG_CHUNK][lane] u32
-#define STAGE_U4 (W_U4 + X_U4 + META_U32 / 4)
+// flight per warp), XROWS (token rows staged, <= 8*MT). Each lane copies, and later reads, only its own pieces
+// of the ring: no barrier inside the loop.
+#define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)        // groups met in one k-chunk of 64
+#define W_BYTES (NT * 512)                           // weights [NT][lane] uint4
+#define X_BYTES (XROWS * 128)                        // activations [XROWS][8] uint4
+#define S_BYTES (NT * NG_CHUNK * 128)                // scale pairs [NT][NG_CHUNK][lane] u32, then zero words
+#define STAGE_BYTES (W_BYTES + X_BYTES + 2 * S_BYTES)
 
 extern "C" __global__ void __launch_bounds__(KS * 32)
 w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
@@ -35,26 +36,35 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
     const int nt0 = blockIdx.x * NT;
     const int tok0 = blockIdx.y * (8 * MT);
-    const int mrows = min(8 * MT, M - tok0);
+    const int mrows = min(XROWS, M - tok0);
     x += (size_t)tok0 * K;
-    uint4* ring = smem + warp * STAGES * STAGE_U4;
+    const unsigned char* ring = reinterpret_cast<const unsigned char*>(smem) + warp * (STAGES * STAGE_BYTES);
+    const u32 ring_s = smem_addr(ring);
 
-    // chunk i of this warp is warp + i*KS; slot i % STAGES holds it
-    auto issue = [&](int i) {
-        const int c = warp + i * KS;
+    const uint4* wsrc[NT];
+    const u32* ssrc[NT];
+    const u32* zsrc[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
+        wsrc[j] = qw + (size_t)nt * nchunks * 32 + lane;
+        ssrc[j] = scales + (size_t)nt * ngroups * 8 + g;
+        zsrc[j] = zero_words + (size_t)nt * ngroups * 2 + (g >> 2);
+    }
+
+    auto issue = [&](int c, int slot) {
         const bool ok = c < nchunks;
         const int cc = ok ? c : 0;
-        uint4* st = ring + (i % STAGES) * STAGE_U4;
-        u32* meta = reinterpret_cast<u32*>(st + W_U4 + X_U4);
+        const u32 st = ring_s + slot * STAGE_BYTES;
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
-            cp_async16_cg(st + j * 32 + lane, qw + ((size_t)nt * nchunks + cc) * 32 + lane, ok);
+            cp_async16_cg(st + j * 512 + lane * 16, wsrc[j] + cc * 32, ok);
 #pragma unroll
             for (int q = 0; q < NG_CHUNK; ++q) {
-                const size_t off = ((size_t)nt * ngroups + (cc * 64 + q * 32) / GROUP_SIZE) * 8 + g;
-                cp_async4(meta + (j * NG_CHUNK + q) * 32 + lane, scales + off, ok);
-                cp_async4(meta + META_U32 / 2 + (j * NG_CHUNK + q) * 32 + lane, zero_words + (off >> 2), ok);
+                const int grp = (cc * 64 + q * 32) / GROUP_SIZE;
+                const u32 off = W_BYTES + X_BYTES + ((j * NG_CHUNK + q) * 32 + lane) * 4;
+                cp_async4(st + off, ssrc[j] + grp * 8, ok);
+                cp_async4(st + off + S_BYTES, zsrc[j] + grp * 2, ok);
             }
         }
 #pragma unroll
@@ -62,53 +72,68 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
             const int row = 8 * m + g;
             if (row < mrows) {
                 const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)row * K + cc * 64);
-                cp_async16_ca(st + W_U4 + row * 8 + t, xp + t, ok);
-                cp_async16_ca(st + W_U4 + row * 8 + 4 + t, xp + 4 + t, ok);
+                cp_async16_ca(st + W_BYTES + (row * 8 + t) * 16, xp + t, ok);
+                cp_async16_ca(st + W_BYTES + (row * 8 + 4 + t) * 16, xp + 4 + t, ok);
             }
         }
         cp_async_commit();
     };
 
-    float acc[NT][MT][4];
+    // two accumulators per tile (one per k-tile parity): independent mma chains
+    float acc[NT][MT][2][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[j][m][0] = acc[j][m][1] = acc[j][m][2] = acc[j][m][3] = 0.f;
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int r = 0; r < 8; ++r) acc[j][m][r >> 2][r & 3] = 0.f;
 
 #pragma unroll
-    for (int i = 0; i < STAGES; ++i) issue(i);
-    for (int i = 0; warp + i * KS < nchunks; ++i) {
+    for (int s = 0; s < STAGES; ++s) issue(warp + s * KS, s);
+    int slot = 0;
+    for (int c = warp; c < nchunks; c += KS) {
         cp_async_wait<STAGES - 1>();
-        const uint4* st = ring + (i % STAGES) * STAGE_U4;
-        const u32* meta = reinterpret_cast<const u32*>(st + W_U4 + X_U4);
+        const unsigned char* st = ring + slot * STAGE_BYTES;
+        const uint4* sw = reinterpret_cast<const uint4*>(st);
+        const uint4* sx = reinterpret_cast<const uint4*>(st + W_BYTES);
+        const u32* ss = reinterpret_cast<const u32*>(st + W_BYTES + X_BYTES);
         uint4 xv[MT][2];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
-            const bool rok = 8 * m + g < mrows;
-            xv[m][0] = rok ? st[W_U4 + (8 * m + g) * 8 + t] : make_uint4(0, 0, 0, 0);
-            xv[m][1] = rok ? st[W_U4 + (8 * m + g) * 8 + 4 + t] : make_uint4(0, 0, 0, 0);
+            const int row = 8 * m + g;
+            xv[m][0] = row < mrows ? sx[row * 8 + t] : u4(0, 0, 0, 0);
+            xv[m][1] = row < mrows ? sx[row * 8 + 4 + t] : u4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            const uint4 w = st[j * 32 + lane];
+            const uint4 w = sw[j * 32 + lane];
+            GroupParams p[NG_CHUNK];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int q = NG_CHUNK == 2 ? h : 0;
-                const u32 zw = meta[META_U32 / 2 + (j * NG_CHUNK + q) * 32 + lane];
-                const GroupParams p = group_params(meta[(j * NG_CHUNK + q) * 32 + lane], (zw >> (8 * (g & 3))) & 0xFFu);
+            for (int q = 0; q < NG_CHUNK; ++q) {
+                const int e = (j * NG_CHUNK + q) * 32 + lane;
+                p[q] = group_params(ss[e], (ss[S_BYTES / 4 + e] >> (8 * (g & 3))) & 0xFFu);
+            }
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
 #pragma unroll
                 for (int jj = 0; jj < 2; ++jj) {
                     u32 a[4];
-                    dequant_word(word_of(w, 2 * h + jj), p, a);
+                    dequant_word(word_of(w, 2 * h + jj), p[NG_CHUNK == 2 ? h : 0], a);
 #pragma unroll
                     for (int m = 0; m < MT; ++m)
-                        mma16816(acc[j][m], a, word_of(xv[m][h], 2 * jj), word_of(xv[m][h], 2 * jj + 1));
+                        mma16816(acc[j][m][jj], a, word_of(xv[m][h], 2 * jj), word_of(xv[m][h], 2 * jj + 1));
                 }
-            }
         }
-        issue(i + STAGES);   // refills the slot just read: its values are in registers and consumed
+        issue(c + STAGES * KS, slot);   // refills the slot just read: its values are in registers and consumed
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
     }
     cp_async_wait<0>();
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[j][m][0][r] += acc[j][m][1][r];
 
     // acc[i][m][r]: channel 16*(nt0+i) + g + 8*(r/2), token 8*m + 2t + (r%2).
 #if KS > 1
@@ -121,7 +146,7 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #pragma unroll
         for (int m = 0; m < MT; ++m)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) red[warp][(j * MT + m) * 4 + r][lane] = acc[j][m][r];
+            for (int r = 0; r < 4; ++r) red[warp][(j * MT + m) * 4 + r][lane] = acc[j][m][0][r];
     __syncthreads();
     for (int v = threadIdx.x; v < V * 32; v += KS * 32) {
         const int l = v & 31, vi = v >> 5, r = vi & 3, m = (vi >> 2) % MT, i = (vi >> 2) / MT;
@@ -144,7 +169,7 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
                 const int n = 16 * (nt0 + i) + g + 8 * (r >> 1);
                 const int tok = 8 * m + 2 * t + (r & 1);
                 if (n >= N || tok >= mrows) continue;
-                float s = acc[i][m][r];
+                float s = acc[i][m][0][r];
                 if (bias) s += act_to_float(bias[n]);
                 y[(size_t)(tok0 + tok) * N + n] = float_to_act(s);
             }
@@ -160,13 +185,17 @@ class GemvConfig:
     ks: int = 8       # warps per block, splitting K
     stages: int = 4   # k-chunks in flight per warp
 
-    def options(self, dtype: torch.dtype, group_size: int):
-        return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DMT={self.mt}",
-                f"-DNT={self.nt}", f"-DKS={self.ks}", f"-DSTAGES={self.stages}")
+    def xrows(self, M: int) -> int:
+        """Token rows a block stages: all 8*mt when the tokens take several block rows, else M rounded up to 2^k."""
+        return 8 * self.mt if M >= 8 * self.mt else min(8 * self.mt, 1 << (M - 1).bit_length())
 
-    def shared_bytes(self, group_size: int) -> int:
+    def options(self, dtype: torch.dtype, group_size: int, M: int):
+        return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DMT={self.mt}",
+                f"-DNT={self.nt}", f"-DKS={self.ks}", f"-DSTAGES={self.stages}", f"-DXROWS={self.xrows(M)}")
+
+    def shared_bytes(self, group_size: int, M: int) -> int:
         ng = 2 if group_size == 32 else 1
-        stage = 16 * (self.nt * 32 + self.mt * 64 + self.nt * ng * 16)
+        stage = self.nt * 512 + self.xrows(M) * 128 + 2 * self.nt * ng * 128
         return max(self.ks * self.stages * stage, self.ks * self.nt * self.mt * 4 * 32 * 4)
 
 
@@ -176,12 +205,12 @@ def _sm_count(device: int) -> int:
 
 
 def default_config(M: int, N: int, K: int, device: int) -> GemvConfig:
-    """Split K over enough warps to keep ~16 warps an SM busy, every block resident in one wave."""
+    """Split K over enough warps that ~32 warps an SM are resident, each with 4 chunks in flight."""
     mt = min(4, -(-M // 8))
     ntiles, nchunks = N // 16, K // 64
-    target = _sm_count(device) * 16
+    target = _sm_count(device) * 32
     ks = 1
-    while ks < 8 and ntiles * ks * 2 <= target and ks * 2 * 2 <= nchunks:
+    while ks < 16 and ntiles * ks * 2 <= target and ks * 2 <= nchunks:
         ks *= 2
     return GemvConfig(mt=mt, nt=1, ks=ks, stages=4 if mt <= 2 else 2)
 
@@ -192,9 +221,8 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None
     N = rt.out_features
     cfg = config or default_config(M, N, K, x.device.index)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, "w4a16_gemv", cfg.options(x.dtype, rt.group_size))
-    smem = cfg.shared_bytes(rt.group_size)
-    allow_shared(kernel, smem)
+    smem = cfg.shared_bytes(rt.group_size, M)
+    kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", cfg.options(x.dtype, rt.group_size, M), smem, x.device.index)
     grid = (-(-(N // 16) // cfg.nt), -(-M // (8 * cfg.mt)))
     bias_arg = bias if bias is not None else np.uint64(0)
     _cupy.launch(kernel, grid, (cfg.ks * 32,),

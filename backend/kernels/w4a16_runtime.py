@@ -17,10 +17,13 @@ Groups of 32, 64 or 128 never split a half-chunk of 32, so one scale/zero pair c
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
+
+from . import _cupy
 
 CHUNK_K = 64   # k per warp step: 4 mma k-tiles of 16
 TILE_N = 16    # output channels per mma (the A operand's rows)
@@ -96,10 +99,13 @@ def unrepack(rt: W4A16Runtime, dtype: torch.dtype = torch.float16):
     return q.to(torch.int32).contiguous(), z.contiguous(), s.contiguous()
 
 
-def allow_shared(kernel, nbytes: int) -> None:
-    """Raise a kernel's dynamic shared-memory limit past the default 48 KB when it needs more."""
-    if nbytes > 48 * 1024 and getattr(kernel, "max_dynamic_shared_size_bytes", 0) < nbytes:
+@functools.lru_cache(maxsize=None)
+def kernel_with_shared(source: str, name: str, options: Tuple[str, ...], nbytes: int, device: int):
+    """The compiled kernel, its dynamic shared-memory limit raised past the default 48 KB when it needs more."""
+    kernel = _cupy.get_kernel(source, name, options, device)
+    if nbytes > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = nbytes
+    return kernel
 
 
 # Device helpers shared by the GEMV, GEMM and dequantize kernels. Compiled with -DIS_BF16=0|1 and -DGROUP_SIZE=<group>.
@@ -135,6 +141,14 @@ __device__ __forceinline__ u32 mul2(u32 a, u32 b) {  // one rounding, as the ref
     return d;
 }
 
+__device__ __forceinline__ uint4 u4(u32 a, u32 b, u32 c, u32 d) { uint4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r; }
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(a), "r"(sel));
+    return d;
+}
+
 // Scale and zero of rows g and g+8 for one group, as f16x2/bf16x2 pairs broadcast to both halves.
 struct GroupParams { u32 zlo, zhi, slo, shi; };
 
@@ -142,8 +156,8 @@ __device__ __forceinline__ GroupParams group_params(u32 scale_pair, u32 zero_byt
     GroupParams p;
     p.zlo = (MAGIC16 | (zero_byte & 15u)) * 0x10001u;
     p.zhi = (MAGIC16 | (zero_byte >> 4)) * 0x10001u;
-    p.slo = __byte_perm(scale_pair, 0, 0x1010);
-    p.shi = __byte_perm(scale_pair, 0, 0x3232);
+    p.slo = prmt(scale_pair, 0x1010u);
+    p.shi = prmt(scale_pair, 0x3232u);
     return p;
 }
 
@@ -193,16 +207,16 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return a;
 }
 
-// Asynchronous global -> shared copies; a false `pred` fills zeros and reads nothing. Weights stream through L2
-// only (.cg); activations, reused by every n-tile, may stay in L1 (.ca).
-__device__ __forceinline__ void cp_async16_cg(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(pred ? 16 : 0) : "memory");
+// Asynchronous global -> shared copies to a shared-memory address (smem_addr); a false `pred` fills zeros and
+// reads nothing. Weights stream through L2 only (.cg); activations and scales, reused, may stay in L1 (.ca).
+__device__ __forceinline__ void cp_async16_cg(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(pred ? 16 : 0) : "memory");
 }
-__device__ __forceinline__ void cp_async16_ca(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(pred ? 16 : 0) : "memory");
+__device__ __forceinline__ void cp_async16_ca(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(pred ? 16 : 0) : "memory");
 }
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(pred ? 4 : 0) : "memory");
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(pred ? 4 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }

@@ -1,0 +1,213 @@
+"""W4A16 linear kernels alone on the GPU, against copy bandwidth and cuBLAS.
+
+  PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT/w4a16_kernels.json [--sweep] [--quick]
+
+- copy bandwidth: torch copy_ of 2 GiB, bytes read + written.
+- GEMV (decode, M tokens <= 8): time, GB/s and % of copy bandwidth for the Llama-7B linear shapes (K x N =
+  4096x4096, 4096x11008, 11008x4096) at group 32/64/128; bytes = packed weights + scales + zeros (canonical
+  sizes) + activations. fp16 dense torch.matmul (cuBLAS) on the same shapes gives the W4A16 speed-up.
+- GEMM (prefill, M = 1..4096): the GEMV, the tensor-core GEMM and dequantize + cuBLAS, TFLOP/s; the fastest
+  per M is the dispatch table of backend/kernels/w4a16.py.
+Every timing replays a CUDA graph of calls that cycle through enough weight copies to overflow L2, so neither
+launch overhead nor cache hits flatter the number; median of 5 timed replays.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from backend.kernels import w4a16
+from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm
+from backend.kernels.w4a16_gemv import GemvConfig, default_config, gemv
+
+log = logging.getLogger(__name__)
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (in, out): qkv/o-like, gate/up, down
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def copy_bandwidth(gib: float = 2) -> float:
+    src = torch.randn(int(gib * 2**30) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_ms(lambda: dst.copy_(src), calls=1)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def graph_ms(fn, calls: int, replays: int = 5) -> float:
+    """Milliseconds per call of `fn` (which makes `calls` calls), replayed from a CUDA graph; NaN if it fails."""
+    try:
+        return _graph_ms(fn, calls, replays)
+    except Exception as e:   # one failing path must not lose the others' numbers
+        log.error("timing failed: %s", e)
+        return float("nan")
+
+
+def _graph_ms(fn, calls: int, replays: int) -> float:
+    fn()                                              # compile kernels, prepare, allocate outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    reps = max(1, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps / calls)
+    return statistics.median(times)
+
+
+def l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def awq_pool(K: int, N: int, group: int, dtype=torch.float16):
+    """Enough prepared copies of one random AWQ linear that a pass over them streams from HBM."""
+    nbytes = K * N // 2 + (K // group) * N * 5 // 2
+    linears = [w4a16.random_awq_linear(K, N, group, dtype=dtype, device="cuda", seed=i)
+               for i in range(max(2, -(-3 * l2_bytes() // nbytes)))]
+    for lin in linears:
+        w4a16.prepare(lin)
+    return linears, nbytes
+
+
+def dense_pool(K: int, N: int, dtype=torch.float16):
+    n = max(2, -(-3 * l2_bytes() // (K * N * 2)))
+    return [torch.randn(N, K, device="cuda", dtype=dtype) * 0.02 for _ in range(n)]
+
+
+def over(pool, call):
+    def fn():
+        for item in pool:
+            call(item)
+    return fn
+
+
+def bench_gemv(bw, groups, tokens, sweep):
+    rows, sweeps = [], []
+    for K, N in SHAPES:
+        dense = dense_pool(K, N)
+        for group in groups:
+            pool, nbytes = awq_pool(K, N, group)
+            for M in tokens:
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                total = nbytes + M * K * 2
+                ms = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
+                ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
+                cfg = default_config(M, N, K, 0)
+                rows.append(dict(K=K, N=N, group=group, M=M, config=cfg.__dict__, us=ms * 1e3,
+                                 GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
+                                 fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
+                log.info("gemv %s", rows[-1])
+                if sweep and group == 128 and M in (1, 8):
+                    for nt in (1, 2):
+                        for ks in (2, 4, 8, 16):
+                            for stages in (2, 4, 8):
+                                cfg = GemvConfig(mt=cfg.mt, nt=nt, ks=ks, stages=stages)
+                                ms_c = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime, None, cfg)), len(pool))
+                                sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
+                                                   frac_copy_bw=total / (ms_c / 1e3) / bw))
+                                log.info("sweep %s", sweeps[-1])
+            del pool
+    return rows, sweeps
+
+
+def bench_gemm(tokens, group=128):
+    rows = []
+    for K, N in SHAPES:
+        pool, _ = awq_pool(K, N, group)
+        dense = dense_pool(K, N)
+        for M in tokens:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            flops = 2 * M * K * N
+            paths = {"gemm_bm64": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=64, warps_m=2)),
+                     "gemm_bm128": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=128, warps_m=2)),
+                     "gemm_bm64_wm1": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=64, warps_m=1)),
+                     "dequant_cublas": lambda lin: dequant_matmul(x, lin.runtime)}
+            if M <= 256:
+                paths["gemv"] = lambda lin: gemv(x, lin.runtime)
+            row = dict(K=K, N=N, M=M, group=group)
+            for name, call in paths.items():
+                ms = graph_ms(over(pool, call), len(pool))
+                row[name + "_us"], row[name + "_tflops"] = ms * 1e3, flops / ms / 1e9
+            ms = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
+            row["fp16_cublas_us"], row["fp16_cublas_tflops"] = ms * 1e3, flops / ms / 1e9
+            timed = [k for k in row if k.endswith("_us") and not k.startswith("fp16") and row[k] == row[k]]
+            best = min(timed, key=row.get) if timed else "none__"
+            row["fastest_w4a16"] = best[:-3]
+            rows.append(row)
+            log.info("gemm %s", row)
+        del pool, dense
+    return rows
+
+
+def markdown(res) -> str:
+    bw = res["copy_GBps"]
+    out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (torch copy_, read+write). {res['date']}.",
+           f"Command: `{res['command']}`", "",
+           "GEMV (fp16 activations): time, achieved bandwidth and share of copy bandwidth; fp16 cuBLAS on the same shape.",
+           "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | fp16 cuBLAS us | speed-up |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["gemv"]:
+        out.append(f"| {r['K']}x{r['N']} | {r['group']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                   f"{100 * r['frac_copy_bw']:.0f}% | {r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
+    out += ["", "GEMM paths (group 128, fp16), TFLOP/s; the fastest W4A16 path per M is what `w4a16_linear` dispatches.",
+            "", "| K x N | M | GEMV | GEMM bm64 | GEMM bm128 | GEMM bm64 wm1 | dequant+cuBLAS | fp16 cuBLAS | fastest |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["gemm"]:
+        cell = lambda k: f"{r[k + '_tflops']:.1f}" if k + "_tflops" in r else "-"   # noqa: E731
+        out.append(f"| {r['K']}x{r['N']} | {r['M']} | {cell('gemv')} | {cell('gemm_bm64')} | {cell('gemm_bm128')} | "
+                   f"{cell('gemm_bm64_wm1')} | {cell('dequant_cublas')} | {cell('fp16_cublas')} | {r['fastest_w4a16']} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "workspace/bench"), "w4a16_kernels.json"))
+    p.add_argument("--sweep", action="store_true", help="also time GEMV block configurations (group 128)")
+    p.add_argument("--quick", action="store_true", help="group 128 only, fewer token counts")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    copy_bandwidth()                                  # warm the clocks up first
+    bw = copy_bandwidth()
+    res = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               command="PYTHONPATH=. python3 scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv), copy_GBps=bw / 1e9)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    groups = (128,) if args.quick else (32, 64, 128)
+    res["gemv"], res["gemv_sweep"] = bench_gemv(bw, groups, (1, 8) if args.quick else (1, 4, 8), args.sweep)
+    save()
+    res["gemm"] = bench_gemm([16, 256, 4096] if args.quick else TOKENS)
+    res["copy_GBps_end"] = copy_bandwidth() / 1e9
+    save()
+    md = markdown(res)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
