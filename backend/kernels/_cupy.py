@@ -3,7 +3,8 @@
 RawKernel ignores strides, so `launch` asserts that every tensor argument is contiguous (pass `ptr(t)` for a
 tensor whose strides the kernel takes as arguments). Scalars must be numpy scalars of the kernel's C type
 (np.int32, np.float32): a bare Python float would be passed as a double. Kernel sources include no headers
-(NVRTC finds none without a CUDA toolkit): `PRELUDE` gives them fp16/bf16 conversions through PTX.
+(NVRTC finds none without a CUDA toolkit): a source that starts with `PRELUDE` gets fp16/bf16 conversions
+through PTX.
 Works with cupy 13 (numpy 1.x) and cupy 14 (numpy 2.x).
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def dtype_options(dtype: torch.dtype) -> Tuple[str, ...]:
 def _module(source: str, options: Tuple[str, ...], device: int):
     with cupy.cuda.Device(device):
         log.debug("compiling a cupy module with %s", options)
-        return cupy.RawModule(code=PRELUDE + source, options=("--std=c++17",) + options)
+        return cupy.RawModule(code=source, options=("--std=c++17",) + options)
 
 
 def get_kernel(source: str, name: str, options: Sequence[str] = (), device: int = None):
@@ -81,11 +82,22 @@ def get_kernel(source: str, name: str, options: Sequence[str] = (), device: int 
     return _module(source, tuple(options), dev).get_function(name)
 
 
+class _StreamRef:
+    """The CUDA stream protocol (what cupy 14's Stream.from_external takes) over a raw stream handle."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
 @functools.lru_cache(maxsize=None)
-def _external_stream(ptr: int, device: int):
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        return cupy.cuda.Stream.from_external(ptr, device)
-    return cupy.cuda.ExternalStream(ptr, device)
+def _external_stream(handle: int, device: int):
+    if hasattr(cupy.cuda.Stream, "from_external"):       # cupy 14
+        with cupy.cuda.Device(device):
+            return cupy.cuda.Stream.from_external(_StreamRef(handle))
+    return cupy.cuda.ExternalStream(handle, device)     # cupy 13
 
 
 def current_stream():

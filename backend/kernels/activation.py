@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import _cupy
 
-_SOURCE = r"""
+_SOURCE = _cupy.PRELUDE + r"""
 // x: [T, 2I] = [gate | up], out: [T, I]; one thread per 8 outputs (16-byte loads and stores).
 extern "C" __global__ void silu_and_mul(const u16* __restrict__ x, u16* __restrict__ out, int inter, long long n8) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -23,7 +23,7 @@ from . import _cupy
 QMAX = {"int8": 255, "int4": 15}
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 
-_WRITE_SOURCE = r"""
+_WRITE_SOURCE = _cupy.PRELUDE + r"""
 // Block = 2 warps per (token, kv head): warp 0 writes K, warp 1 writes V. Lane l owns elements
 // [l * E, l * E + E) with E = HEAD_DIM / 32, so an int4 pair (2i, 2i+1) never straddles lanes.
 #define E (HEAD_DIM / 32)

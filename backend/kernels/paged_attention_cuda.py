@@ -8,8 +8,9 @@ One split writes the output; several write float32 partials that `reduce_splits`
 Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (1..8).
 """
+from ._cupy import PRELUDE
 
-DECODE_SOURCE = r"""
+DECODE_SOURCE = PRELUDE + r"""
 #define VEC 8
 #define LPT (HEAD_DIM / VEC)            // lanes per token
 #define TPW (32 / LPT)                  // tokens per warp at a time
@@ -20,22 +21,26 @@ DECODE_SOURCE = r"""
 
 __device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
 
-// Load 8 dims of one token (K or V row) as floats.
-__device__ __forceinline__ void load_row(const void* cache, const float* qp, long long row, int dl, float* x) {
+// Raw bytes of 8 dims of one token: 16 (fp16/bf16), 8 (int8) or 4 (int4) bytes.
 #if KV_KIND == 0
-    unpack8(*(reinterpret_cast<const uint4*>(cache) + row * LPT + dl), x);
+typedef uint4 raw_t;
+#elif KV_KIND == 1
+typedef uint2 raw_t;
 #else
-    const float2 p = *reinterpret_cast<const float2*>(qp + row * 2);
-#if KV_KIND == 1
-    const uint2 r = *(reinterpret_cast<const uint2*>(cache) + row * LPT + dl);
-    const unsigned w[2] = {r.x, r.y};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = (float)((w[i >> 2] >> (8 * (i & 3))) & 0xffu) * p.x + p.y;
-#else
-    const unsigned w = *(reinterpret_cast<const unsigned*>(cache) + row * LPT + dl);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) x[i] = (float)((w >> (4 * i)) & 0xfu) * p.x + p.y;
+typedef unsigned raw_t;
 #endif
+
+// Codes -> floats without I2F: put the code in a float's mantissa (2^23 + c) and subtract 2^23.
+__device__ __forceinline__ void to_float8(const raw_t r, float* x) {
+#if KV_KIND == 0
+    unpack8(r, x);
+#elif KV_KIND == 1
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+        x[i] = __uint_as_float(__byte_perm(i < 4 ? r.x : r.y, 0x4B000000u, 0x7650u | (i & 3))) - 8388608.f;
+#else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) x[i] = __uint_as_float(((r >> (4 * i)) & 0xFu) | 0x4B000000u) - 8388608.f;
 #endif
 }
 
@@ -60,51 +65,83 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int slot = lane / LPT, dl = lane % LPT;
 
-    float qv[REP][8], acc[REP][8], m[REP], l[REP];
+    // qsum / pz carry the zero points of quantized K / V out of the per-dim loops:
+    //   q.k = scale_k * sum(q_i c_i) + zero_k * sum(q_i);  sum_t p_t v_t = sum_t (p_t scale_v) c_t + sum_t p_t zero_v
+    float qv[REP][8], acc[REP][8], m[REP], l[REP], qsum[REP], pz[REP];
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
         unpack8(*reinterpret_cast<const uint4*>(q + ((long long)b * num_heads + h0 + r) * HEAD_DIM + dl * 8), qv[r]);
+        qsum[r] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) { qv[r][i] *= qk_scale; acc[r][i] = 0.f; }
+        for (int i = 0; i < 8; ++i) { qv[r][i] *= qk_scale; qsum[r] += qv[r][i]; acc[r][i] = 0.f; }
         m[r] = NEG_INF;
         l[r] = 0.f;
+        pz[r] = 0.f;
     }
     const int* table = block_tables + (long long)b * max_blocks;
+    const raw_t* kc = reinterpret_cast<const raw_t*>(k_cache);
+    const raw_t* vc = reinterpret_cast<const raw_t*>(v_cache);
 
     for (int base = start + warp * TPW; base < end; base += STEP * UNROLL) {
-        float kx[UNROLL][8], vx[UNROLL][8];
+        raw_t kr[UNROLL], vr[UNROLL];
+#if KV_KIND != 0
+        float2 kp[UNROLL], vp[UNROLL];
+#endif
         bool valid[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {     // all loads first: UNROLL tokens of K and V in flight
             const int t = base + u * STEP + slot;
             valid[u] = t < end;
-            if (valid[u]) {
-                const long long row = (((long long)table[t >> bs_shift] * num_kv_heads + kvh) << bs_shift)
-                                      + (t & ((1 << bs_shift) - 1));
-                load_row(k_cache, k_qp, row, dl, kx[u]);
-                load_row(v_cache, v_qp, row, dl, vx[u]);
-            }
+            const int tt = valid[u] ? t : start;
+            const long long row = (((long long)table[tt >> bs_shift] * num_kv_heads + kvh) << bs_shift)
+                                  + (tt & ((1 << bs_shift) - 1));
+            kr[u] = kc[row * LPT + dl];
+            vr[u] = vc[row * LPT + dl];
+#if KV_KIND != 0
+            kp[u] = *reinterpret_cast<const float2*>(k_qp + row * 2);
+            vp[u] = *reinterpret_cast<const float2*>(v_qp + row * 2);
+#endif
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
+            float kx[8], vx[8];
+            to_float8(kr[u], kx);
+            to_float8(vr[u], vx);
 #pragma unroll
             for (int r = 0; r < REP; ++r) {
                 float s = 0.f;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) s += qv[r][i] * kx[u][i];
+                for (int i = 0; i < 8; ++i) s += qv[r][i] * kx[i];
+#if KV_KIND != 0
+                s = s * kp[u].x + qsum[r] * kp[u].y;
+#endif
 #pragma unroll
                 for (int o = LPT / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
                 if (valid[u]) {
-                    const float m_new = fmaxf(m[r], s);
-                    const float alpha = rescale(m[r], m_new), p = exp2f(s - m_new);
-                    l[r] = l[r] * alpha + p;
+                    if (s > m[r]) {            // rescale only when the running max grows
+                        const float a = exp2f(m[r] - s);
+                        l[r] *= a;
+                        pz[r] *= a;
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[r][i] = acc[r][i] * alpha + p * vx[u][i];
-                    m[r] = m_new;
+                        for (int i = 0; i < 8; ++i) acc[r][i] *= a;
+                        m[r] = s;
+                    }
+                    float p = exp2f(s - m[r]);
+                    l[r] += p;
+#if KV_KIND != 0
+                    pz[r] += p * vp[u].y;
+                    p *= vp[u].x;
+#endif
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[r][i] += p * vx[i];
                 }
             }
         }
     }
+#pragma unroll
+    for (int r = 0; r < REP; ++r)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[r][i] += pz[r];
 
     // combine the token groups of a warp (lanes that own the same dims)
 #pragma unroll

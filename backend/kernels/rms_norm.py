@@ -10,7 +10,7 @@ from . import _cupy
 
 _MAX_VEC = 4        # 16-byte vectors a thread keeps in registers: hidden <= 8 * 4 * 1024
 
-_SOURCE = r"""
+_SOURCE = _cupy.PRELUDE + r"""
 #define MAX_VEC 4
 // One block per token. h = x (+ residual) in float; res_out = h rounded; out = h * rsqrt(mean(h^2) + eps) * w.
 extern "C" __global__ void rms_norm(const u16* __restrict__ x, const u16* __restrict__ res,

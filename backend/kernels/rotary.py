@@ -13,7 +13,7 @@ import torch
 
 from . import _cupy
 
-_SOURCE = r"""
+_SOURCE = _cupy.PRELUDE + r"""
 // One block per token; a thread rotates pairs (j, j + D/2) of q heads, then of k heads.
 // q, k rows may be strided views of the fused qkv output (row strides q_stride, k_stride in elements).
 extern "C" __global__ void rotary(const u16* __restrict__ q, const u16* __restrict__ k, long long q_stride,
