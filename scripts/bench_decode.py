@@ -1,0 +1,165 @@
+"""Decode speed against the memory-bandwidth limit, with the HF transformers peers, in ONE process on the GPU.
+
+  PYTHONPATH=. python3 scripts/bench_decode.py --model llama2-7b --out $OUT/decode_llama2-7b.json
+  (--model llama3-8b, --kv int8|int4, --quant awq, --hf none|eager|static|both)
+Measures: device copy bandwidth (clone of 4 GiB, read + write); our bs=1 decode tok/s (128-token prompt, 256 new
+tokens); batch-64 decode tok/s; TTFT of a 2048-token prompt; HF eager and HF static cache (generate with
+cache_implementation="static", warmed up with the same max_new_tokens) over the same weights.
+The limit of a decode step is (bytes of weights read + bytes of KV read) / copy bandwidth; every tok/s figure is
+also given as a fraction of the limit at its batch size and mean context. TTFT is compared with the matmul limit
+(2 * parameters * tokens + causal attention FLOPs at the measured fp16 matmul rate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import List
+
+import torch
+
+from backend.config import SamplingParams
+from scripts.bench_attention import copy_bandwidth, time_ms
+from scripts.bench_common import add_model_args, build, default_tag
+
+log = logging.getLogger("bench_decode")
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.float16, device="cuda")
+    ms = time_ms(lambda: a @ b, iters=10)
+    return 2 * n ** 3 / (ms / 1e3) / 1e12
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes a decode step reads from weights: every linear, the norms and lm_head (not the embedding table)."""
+    total = model.lm_head.numel() * model.lm_head.element_size() + model.norm.numel() * model.norm.element_size()
+    for layer in model.layers:
+        total += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
+        for lin in layer.linears():
+            for t in (lin.weight, lin.bias, lin.qweight, lin.qzeros, lin.scales):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def _prompt(n: int, seed: int, vocab: int) -> List[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def run_requests(engine, prompts, new_tokens: int):
+    """All prompts at once; -> (seconds to the step where every request has its first token, seconds to the end)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(i, p, params)
+    started, t0, t_first = set(), time.perf_counter(), None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.error:
+                raise RuntimeError(o.error)
+            if o.new_token_ids:
+                started.add(o.request_id)
+        if t_first is None and len(started) == len(prompts):
+            t_first = time.perf_counter()
+    return t_first - t0, time.perf_counter() - t0
+
+
+def decode_speed(engine, batch: int, prompt_len: int, new: int, vocab: int, bw: float, wbytes: int) -> dict:
+    prompts = [_prompt(prompt_len, s, vocab) for s in range(batch)]
+    run_requests(engine, prompts, 8)                                   # warm-up
+    t_first, t_end = run_requests(engine, prompts, new)
+    tok_s = batch * (new - 1) / (t_end - t_first)
+    kv = engine.runner.kv_bytes_per_token * batch * (prompt_len + new / 2)    # mean KV read per step
+    limit = batch * bw / (wbytes + kv)
+    return {"batch": batch, "prompt": prompt_len, "new": new, "tok_s": tok_s, "step_ms": 1e3 * batch / tok_s,
+            "limit_tok_s": limit, "frac_of_limit": tok_s / limit, "kv_bytes_per_step": kv}
+
+
+def ttft(engine, prompt_len: int, vocab: int, params_count: int, cfg, tflops: float) -> dict:
+    prompt = _prompt(prompt_len, 99, vocab)
+    run_requests(engine, [prompt], 1)                                  # warm-up
+    times = sorted(run_requests(engine, [prompt], 1)[0] for _ in range(3))
+    attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len ** 2 / 2
+    flops = 2 * params_count * prompt_len + attn
+    limit = flops / (tflops * 1e12)
+    return {"prompt": prompt_len, "ttft_ms": 1e3 * times[1], "compute_limit_ms": 1e3 * limit,
+            "x_of_limit": times[1] / limit}
+
+
+@torch.inference_mode()
+def hf_decode(model, prompt_len: int, new: int, vocab: int, static: bool) -> dict:
+    ids = torch.tensor([_prompt(prompt_len, 0, vocab)], device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+
+    def gen(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+    gen(new)                                  # warm-up (static: compiles for this cache size)
+    total = gen(new)
+    first = gen(1)                            # static: the cache size differs, so time a second warm call
+    if static:
+        first = gen(1)
+    return {"mode": "static" if static else "eager", "tok_s": (new - 1) / (total - first), "total_s": total}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--ttft-prompt", type=int, default=2048)
+    ap.add_argument("--hf", default="both", choices=["none", "eager", "static", "both"])
+    ap.add_argument("--out", help="JSON results")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.model == "demo":
+        args.model = "llama2-7b"
+    bw, tflops = copy_bandwidth(), matmul_tflops()
+    log.info("copy bandwidth %.0f GB/s, fp16 matmul %.0f TFLOP/s", bw / 1e9, tflops)
+    mut = build(args, session_len=max(args.ttft_prompt, args.prompt + args.new) + 64, max_batch_size=args.batch)
+    eng, cfg = mut.engine, mut.engine.model_cfg
+    model = eng.runner.model
+    wbytes = weight_bytes_per_step(model)
+    params_count = sum(lin.out_features * (lin.qweight.shape[0] if lin.is_quantized else lin.weight.shape[1])
+                       for layer in model.layers for lin in layer.linears()) + model.lm_head.numel()
+    res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "engine": mut.describe(), "copy_bw_GBps": bw / 1e9, "matmul_tflops": tflops,
+           "weight_bytes_per_step": wbytes, "kv_bytes_per_token": eng.runner.kv_bytes_per_token,
+           "gpu_mem_allocated_GiB": torch.cuda.memory_allocated() / 2**30}
+    res["bs1"] = decode_speed(eng, 1, args.prompt, args.new, cfg.vocab_size, bw, wbytes)
+    log.info("bs=1: %.1f tok/s = %.1f%% of the limit", res["bs1"]["tok_s"], 100 * res["bs1"]["frac_of_limit"])
+    res[f"bs{args.batch}"] = decode_speed(eng, args.batch, args.prompt, args.new, cfg.vocab_size, bw, wbytes)
+    log.info("bs=%d: %.0f tok/s = %.1f%% of the limit", args.batch, res[f"bs{args.batch}"]["tok_s"],
+             100 * res[f"bs{args.batch}"]["frac_of_limit"])
+    res["ttft"] = ttft(eng, args.ttft_prompt, cfg.vocab_size, params_count, cfg, tflops)
+    log.info("TTFT(%d) %.1f ms = %.2fx the compute limit", args.ttft_prompt, res["ttft"]["ttft_ms"],
+             res["ttft"]["x_of_limit"])
+    if args.hf != "none" and not cfg.quant:
+        from scripts.bench_hf import shared_weight_model
+        eng.runner.graphs = None                  # free graphs and KV before HF allocates its caches
+        eng.runner.kv_cache = None
+        torch.cuda.empty_cache()
+        hf = shared_weight_model(eng)
+        limit1 = res["bs1"]["limit_tok_s"]
+        for static in {"eager": [False], "static": [True], "both": [False, True]}[args.hf]:
+            r = hf_decode(hf, args.prompt, args.new, cfg.vocab_size, static)
+            r["frac_of_limit"] = r["tok_s"] / limit1
+            res[f"hf_{r['mode']}"] = r
+            log.info("HF %s: %.1f tok/s = %.1f%% of the limit", r["mode"], r["tok_s"], 100 * r["frac_of_limit"])
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(res, tag=default_tag(mut)), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
