@@ -1,4 +1,5 @@
 """Benchmarks: the CPU smoke runs of `lmtriton bench` (real demo model, real HF peer) and the pieces they trust."""
+import csv
 import json
 import numpy as np
 import pytest
@@ -103,3 +104,43 @@ def test_throughput_smoke(tmp_path):
     gen.write_text(json.dumps(dict(doc, meta=dict(doc["meta"], bench="generation"))))
     with pytest.raises(ValueError, match="cannot share a figure"):
         plots.main([str(tmp_path / "throughput_demo.json"), str(gen)])
+
+
+@pytest.fixture(scope="module")
+def random_workspace(tmp_path_factory, demo_model_dir):
+    from scripts import bench_random_workspace
+    ws = tmp_path_factory.mktemp("ws")
+    bench_random_workspace.write("tiny", str(demo_model_dir), ws, quant="awq", kv="int8", dtype="float32",
+                                 params={"session_len": "512", "cpu_kv_blocks": "64", "cache_block_seq_len": "16"})
+    return ws
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_serving_and_perf_analyzer_against_tritonserver(random_workspace, tmp_path):
+    """A random tiny AWQ model served by the real tritonserver: bench serving (with its in-process baseline) and
+    one perf_analyzer level, both against the same server."""
+    from scripts import bench_serving, perf_analyzer_run
+    from scripts.launch_triton_server import TritonServer
+    env = perf_analyzer_run.environment()
+    binary = perf_analyzer_run.find_perf_analyzer()
+    if perf_analyzer_run.missing_libraries(binary, env):
+        pytest.skip("perf_analyzer needs Debian libb64-0d (make perf installs it)")
+    repo = random_workspace / "model_repository"
+    with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "server.log") as server:
+        assert bench_serving.main(["--smoke", "--workspace", str(random_workspace), "--url", server.grpc_url,
+                                   "--out-dir", str(tmp_path), "--tag", "t"]) == 0
+        assert perf_analyzer_run.main(["--smoke", "--concurrency", "1", "--workspace", str(random_workspace),
+                                       "--url", server.grpc_url, "--out-dir", str(tmp_path / "perf")]) == 0
+    doc = json.loads((tmp_path / "serving_t.json").read_text())
+    assert doc["model"]["quant"] == "awq" and doc["model"]["kv_cache_dtype"] == "int8"
+    assert [r["concurrency"] for r in doc["results"]] == [1, 3]
+    for r in doc["results"]:
+        assert r["errors"] == 0 and r["num_prompts"] == 3
+        assert r["output_tok_s"] * r["elapsed_s"] == pytest.approx(sum(o for _, o in
+                                                                       bench_workload.load_lengths(3, 0, 24, 4)))
+        assert r["inprocess"]["output_tok_s"] > 0 and "overhead_pct" in r
+    with open(tmp_path / "perf" / "perf.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["Concurrency"] == "1" and float(row["Inferences/Second"]) > 0
+    assert "first response ms p50" in (tmp_path / "perf" / "perf.md").read_text()
