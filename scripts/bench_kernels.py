@@ -31,13 +31,30 @@ from backend.kernels.w4a16_gemv import GemvConfig, default_config, gemv
 log = logging.getLogger(__name__)
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (in, out): qkv/o-like, gate/up, down
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+GEMM_VARIANTS = {"gemm_64x64": GemmConfig(bm=64, warps_m=2, ntw=1), "gemm_64x32": GemmConfig(bm=64, warps_m=4, ntw=1),
+                 "gemm_32x32": GemmConfig(bm=32, warps_m=4, ntw=1), "gemm_64x128": GemmConfig(bm=64, warps_m=2, ntw=2),
+                 "gemm_128x128": GemmConfig(bm=128, warps_m=2, ntw=2)}   # name: tokens x channels per block
 
 
 def copy_bandwidth(gib: float = 2) -> float:
+    """Bytes read + written per second by the faster of torch's copy_ and an elementwise kernel, timed eagerly
+    (a copy_ captured in a graph becomes a memcpy node, measured slower)."""
     src = torch.randn(int(gib * 2**30) // 4, device="cuda")
     dst = torch.empty_like(src)
-    ms = graph_ms(lambda: dst.copy_(src), calls=1)
-    return 2 * src.numel() * 4 / (ms / 1e3)
+    best = float("inf")
+    for fn in (lambda: dst.copy_(src), lambda: torch.add(src, 0.0, out=dst)):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        best = min(best, statistics.median(times))
+    return 2 * src.numel() * 4 / (best / 1e3)
 
 
 def graph_ms(fn, calls: int, replays: int = 5) -> float:
@@ -116,9 +133,9 @@ def bench_gemv(bw, groups, tokens, sweep):
                                  fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
                 log.info("gemv %s", rows[-1])
                 if sweep and group == 128 and M in (1, 8):
-                    for nt in (1, 2):
-                        for ks in (2, 4, 8, 16):
-                            for stages in (2, 4, 8):
+                    for nt in (1, 2, 4):
+                        for ks in (4, 8, 16):
+                            for stages in (2, 3, 4):
                                 cfg = GemvConfig(mt=cfg.mt, nt=nt, ks=ks, stages=stages)
                                 ms_c = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime, None, cfg)), len(pool))
                                 sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
@@ -136,10 +153,9 @@ def bench_gemm(tokens, group=128):
         for M in tokens:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             flops = 2 * M * K * N
-            paths = {"gemm_bm64": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=64, warps_m=2)),
-                     "gemm_bm128": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=128, warps_m=2)),
-                     "gemm_bm64_wm1": lambda lin: gemm(x, lin.runtime, None, GemmConfig(bm=64, warps_m=1)),
-                     "dequant_cublas": lambda lin: dequant_matmul(x, lin.runtime)}
+            paths = {name: (lambda lin, c=cfg: gemm(x, lin.runtime, None, c))
+                     for name, cfg in GEMM_VARIANTS.items() if M >= 16}
+            paths["dequant_cublas"] = lambda lin: dequant_matmul(x, lin.runtime)
             if M <= 256:
                 paths["gemv"] = lambda lin: gemv(x, lin.runtime)
             row = dict(K=K, N=N, M=M, group=group)
@@ -159,7 +175,7 @@ def bench_gemm(tokens, group=128):
 
 def markdown(res) -> str:
     bw = res["copy_GBps"]
-    out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (torch copy_, read+write). {res['date']}.",
+    out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (bytes read + written, best of torch copy_ and an elementwise kernel). {res['date']}.",
            f"Command: `{res['command']}`", "",
            "GEMV (fp16 activations): time, achieved bandwidth and share of copy bandwidth; fp16 cuBLAS on the same shape.",
            "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | fp16 cuBLAS us | speed-up |",
@@ -167,13 +183,25 @@ def markdown(res) -> str:
     for r in res["gemv"]:
         out.append(f"| {r['K']}x{r['N']} | {r['group']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
                    f"{100 * r['frac_copy_bw']:.0f}% | {r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
+    if res.get("gemv_sweep"):
+        out += ["", "GEMV block configurations (group 128, fp16): the best of the sweep per shape and M.", "",
+                "| K x N | M | best (mt, nt, ks, stages) | us | % copy BW | configs tried |", "| --- | --- | --- | --- | --- | --- |"]
+        keys = sorted({(r["K"], r["N"], r["M"]) for r in res["gemv_sweep"]})
+        for K, N, M in keys:
+            rs = [r for r in res["gemv_sweep"] if (r["K"], r["N"], r["M"]) == (K, N, M) and r["us"] == r["us"]]
+            if rs:
+                b = min(rs, key=lambda r: r["us"])
+                c = b["config"]
+                out.append(f"| {K}x{N} | {M} | ({c['mt']}, {c['nt']}, {c['ks']}, {c['stages']}) | {b['us']:.1f} | "
+                           f"{100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
     out += ["", "GEMM paths (group 128, fp16), TFLOP/s; the fastest W4A16 path per M is what `w4a16_linear` dispatches.",
-            "", "| K x N | M | GEMV | GEMM bm64 | GEMM bm128 | GEMM bm64 wm1 | dequant+cuBLAS | fp16 cuBLAS | fastest |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "GEMM columns name the block tile (tokens x channels).", "",
+            "| K x N | M | GEMV | " + " | ".join(n.replace("gemm_", "GEMM ") for n in GEMM_VARIANTS)
+            + " | dequant+cuBLAS | fp16 cuBLAS | fastest |", "|" + " --- |" * (len(GEMM_VARIANTS) + 6)]
     for r in res["gemm"]:
-        cell = lambda k: f"{r[k + '_tflops']:.1f}" if k + "_tflops" in r else "-"   # noqa: E731
-        out.append(f"| {r['K']}x{r['N']} | {r['M']} | {cell('gemv')} | {cell('gemm_bm64')} | {cell('gemm_bm128')} | "
-                   f"{cell('gemm_bm64_wm1')} | {cell('dequant_cublas')} | {cell('fp16_cublas')} | {r['fastest_w4a16']} |")
+        cells = [f"{r[k + '_tflops']:.1f}" if k + "_tflops" in r else "-"
+                 for k in ["gemv", *GEMM_VARIANTS, "dequant_cublas", "fp16_cublas"]]
+        out.append(f"| {r['K']}x{r['N']} | {r['M']} | " + " | ".join(cells) + f" | {r['fastest_w4a16']} |")
     return "\n".join(out) + "\n"
 
 

@@ -191,7 +191,8 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 2), (1, 2, 4, 4), (2, 1, 8, 4), (4, 2, 2, 2), (1, 1, 16, 8), (2, 2, 16, 3)])
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 2), (1, 2, 4, 4), (2, 1, 8, 4), (4, 2, 2, 2), (1, 4, 8, 3), (2, 2, 16, 3),
+                                 (1, 4, 16, 2)])
 def test_gemv_configs_agree(gpu_linears, cfg):
     from backend.kernels.w4a16_gemv import GemvConfig, gemv
     mt, nt, ks, stages = cfg
@@ -204,14 +205,15 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [(64, 2), (128, 2), (64, 1), (128, 1)])
+@pytest.mark.parametrize("cfg", [(64, 2, 2), (128, 2, 2), (64, 1, 2), (128, 1, 2), (64, 4, 1), (32, 4, 1), (64, 2, 1)])
 def test_gemm_configs_agree(gpu_linears, cfg):
     from backend.kernels.w4a16_gemm import GemmConfig, gemm
     lin = gpu_linears(576, 1728, 64)
     rt = w4a16.prepare(lin)
     for M in (1, 37, 300):
         x = torch.randn(M, 576, device="cuda", dtype=torch.bfloat16)
-        _check(gemm(x, rt, lin.bias.bfloat16(), GemmConfig(bm=cfg[0], warps_m=cfg[1])), _ref(x, lin), torch.bfloat16)
+        config = GemmConfig(bm=cfg[0], warps_m=cfg[1], ntw=cfg[2])
+        _check(gemm(x, rt, lin.bias.bfloat16(), config), _ref(x, lin), torch.bfloat16)
 
 
 @pytest.mark.gpu

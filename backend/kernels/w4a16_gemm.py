@@ -3,8 +3,9 @@ and the dequantize kernel behind the dequant + cuBLAS path for the largest token
 
 A block of 8 warps computes BN output channels x BM tokens; a 3-stage cp.async ring brings each k-chunk of 64
 (weights already in fragment order, activations with a swizzle that keeps the 16-byte fragment reads free of
-bank conflicts, scales and zeros) into shared memory. Each warp owns 2 n-tiles x MTW token tiles: a weight word
-is dequantized once and multiplied into MTW mma's.
+bank conflicts, scales and zeros) into shared memory. Each warp owns NTW n-tiles x MTW token tiles: a weight
+word is dequantized once and multiplied into MTW mma's. Small tiles (NTW=1, 4 warps along tokens) give enough
+blocks for a few hundred tokens; big ones amortize the dequantization at large M.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _GEMM = DEVICE_HELPERS + r"""
-// -D: IS_BF16, GROUP_SIZE, BM (tokens per block), WARPS_M (warps along tokens), STAGES
+// -D: IS_BF16, GROUP_SIZE, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)
 #define WARPS_N (8 / WARPS_M)
-#define NTW 2                           // n-tiles per warp
 #define MTW (BM / 8 / WARPS_M)          // token tiles of 8 per warp
 #define NTB (NTW * WARPS_N)             // n-tiles per block
 #define W_U4 (NTB * 32)
@@ -157,16 +157,19 @@ extern "C" __global__ void w4a16_dequant(const uint4* __restrict__ qw, const u32
 @dataclass(frozen=True)
 class GemmConfig:
     bm: int = 128      # tokens per block
-    warps_m: int = 2   # warps along tokens (of 8); n-tiles per block = 2 * (8 // warps_m)
+    warps_m: int = 2   # warps along tokens (of 8)
+    ntw: int = 2       # n-tiles (16 channels) per warp; the block has ntw * (8 // warps_m) of them
     stages: int = 3
 
     @property
     def bn(self) -> int:
-        return 32 * (8 // self.warps_m)
+        return 16 * self.ntw * (8 // self.warps_m)
 
     def options(self, dtype: torch.dtype, group_size: int):
+        if self.bm % (8 * self.warps_m) or self.warps_m not in (1, 2, 4, 8):
+            raise ValueError(f"GemmConfig: bm={self.bm} must be a multiple of 8 * warps_m={self.warps_m}")
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DBM={self.bm}",
-                f"-DWARPS_M={self.warps_m}", f"-DSTAGES={self.stages}")
+                f"-DWARPS_M={self.warps_m}", f"-DNTW={self.ntw}", f"-DSTAGES={self.stages}")
 
     def shared_bytes(self, group_size: int) -> int:
         ng = 2 if group_size == 32 else 1
@@ -176,7 +179,7 @@ class GemmConfig:
 
 
 def default_config(M: int) -> GemmConfig:
-    return GemmConfig(bm=64, warps_m=2) if M <= 256 else GemmConfig(bm=128, warps_m=2)
+    return GemmConfig(bm=64, warps_m=4, ntw=1) if M <= 256 else GemmConfig(bm=128, warps_m=2, ntw=2)
 
 
 def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None) -> torch.Tensor:

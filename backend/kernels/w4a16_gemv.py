@@ -19,8 +19,8 @@ from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, MT (8-token tiles), NT (n-tiles per block), KS (warps per block), STAGES (chunks in
-// flight per warp), XROWS (token rows staged, <= 8*MT). Each lane copies, and later reads, only its own pieces
-// of the ring: no barrier inside the loop.
+// in the ring of each warp, STAGES-1 in flight while one is computed), XROWS (token rows staged, <= 8*MT).
+// Each lane copies, and later reads, only its own pieces of the ring: no barrier inside the loop.
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)        // groups met in one k-chunk of 64
 #define W_BYTES (NT * 512)                           // weights [NT][lane] uint4
 #define X_BYTES (XROWS * 128)                        // activations [XROWS][8] uint4
@@ -88,11 +88,13 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #pragma unroll
             for (int r = 0; r < 8; ++r) acc[j][m][r >> 2][r & 3] = 0.f;
 
+    // chunk c of this warp lives in slot `slot`; chunk c + (STAGES-1)*KS refills the slot read one step earlier
 #pragma unroll
-    for (int s = 0; s < STAGES; ++s) issue(warp + s * KS, s);
+    for (int s = 0; s + 1 < STAGES; ++s) issue(warp + s * KS, s);
     int slot = 0;
     for (int c = warp; c < nchunks; c += KS) {
-        cp_async_wait<STAGES - 1>();
+        cp_async_wait<STAGES - 2>();
+        issue(c + (STAGES - 1) * KS, slot == 0 ? STAGES - 1 : slot - 1);
         const unsigned char* st = ring + slot * STAGE_BYTES;
         const uint4* sw = reinterpret_cast<const uint4*>(st);
         const uint4* sx = reinterpret_cast<const uint4*>(st + W_BYTES);
@@ -124,7 +126,6 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
                         mma16816(acc[j][m][jj], a, word_of(xv[m][h], 2 * jj), word_of(xv[m][h], 2 * jj + 1));
                 }
         }
-        issue(c + STAGES * KS, slot);   // refills the slot just read: its values are in registers and consumed
         slot = slot + 1 == STAGES ? 0 : slot + 1;
     }
     cp_async_wait<0>();
@@ -183,7 +184,7 @@ class GemvConfig:
     mt: int = 1       # 8-token tiles per block row
     nt: int = 1       # n-tiles (16 channels) per block
     ks: int = 8       # warps per block, splitting K
-    stages: int = 4   # k-chunks in flight per warp
+    stages: int = 3   # ring slots per warp: stages - 1 chunks in flight while one is computed
 
     def xrows(self, M: int) -> int:
         """Token rows a block stages: all 8*mt when the tokens take several block rows, else M rounded up to 2^k."""
@@ -200,19 +201,22 @@ class GemvConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _device_limits(device: int):
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 227 * 1024)
 
 
 def default_config(M: int, N: int, K: int, device: int) -> GemvConfig:
-    """Split K over enough warps that ~32 warps an SM are resident, each with 4 chunks in flight."""
+    """The sweep of scripts/bench_kernels.py (H200, docs/benchmarks.md): 2 n-tiles a block, 2 chunks in flight
+    a warp, and K split so that each warp streams ~8 chunks or more; fewer warps where n-tiles alone fill the GPU."""
     mt = min(4, -(-M // 8))
     ntiles, nchunks = N // 16, K // 64
-    target = _sm_count(device) * 32
-    ks = 1
-    while ks < 16 and ntiles * ks * 2 <= target and ks * 2 <= nchunks:
+    nt = 2 if ntiles >= _device_limits(device)[0] else 1
+    ks = 4
+    while ks < 16 and nchunks >= 16 * ks:
         ks *= 2
-    return GemvConfig(mt=mt, nt=1, ks=ks, stages=4 if mt <= 2 else 2)
+    ks = max(1, min(ks, nchunks))
+    return GemvConfig(mt=mt, nt=nt, ks=ks, stages=3)
 
 
 def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None) -> torch.Tensor:
@@ -222,6 +226,9 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None
     cfg = config or default_config(M, N, K, x.device.index)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size, M)
+    if smem > _device_limits(x.device.index)[1]:
+        raise ValueError(f"GemvConfig {cfg} needs {smem} bytes of shared memory, more than the device's "
+                         f"{_device_limits(x.device.index)[1]}")
     kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", cfg.options(x.dtype, rt.group_size, M), smem, x.device.index)
     grid = (-(-(N // 16) // cfg.nt), -(-M // (8 * cfg.mt)))
     bias_arg = bias if bias is not None else np.uint64(0)
