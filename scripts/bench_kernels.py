@@ -1,6 +1,6 @@
 """W4A16 linear kernels alone on the GPU, against copy bandwidth and cuBLAS.
 
-  PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT/w4a16_kernels.json [--sweep] [--quick]
+  PYTHONPATH=. python3 scripts/bench_kernels.py --out $OUT/w4a16_kernels.json [--sweep 1,8] [--quick]
 
 - copy bandwidth: torch copy_ of 2 GiB, bytes read + written.
 - GEMV (decode, M tokens <= 8): time, GB/s and % of copy bandwidth for the Llama-7B linear shapes (K x N =
@@ -116,6 +116,23 @@ def over(pool, call):
     return fn
 
 
+def sweep_configs(mt: int):
+    return [GemvConfig(mt=mt, nt=nt, ks=ks, stages=stages, contig=contig)
+            for nt in (1, 2, 4) for ks in (4, 8, 16) for stages in (2, 3, 4) for contig in (False, True)]
+
+
+def profile_one(spec: str) -> None:
+    """K,N,M[,nt,ks,stages,contig]: run one GEMV 20 times (for `ncu -k regex:w4a16_gemv`)."""
+    K, N, M, *rest = (int(v) for v in spec.split(","))
+    lin = w4a16.random_awq_linear(K, N, 128, device="cuda")
+    rt = w4a16.prepare(lin)
+    cfg = GemvConfig(1, *rest[:3], bool(rest[3])) if rest else None
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    for _ in range(20):
+        gemv(x, rt, None, cfg)
+    torch.cuda.synchronize()
+
+
 def bench_gemv(bw, groups, tokens, sweep):
     rows, sweeps = [], []
     for K, N in SHAPES:
@@ -127,20 +144,17 @@ def bench_gemv(bw, groups, tokens, sweep):
                 total = nbytes + M * K * 2
                 ms = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
-                cfg = default_config(M, N, K, 0)
+                cfg = default_config(M, N, K, group, 0)
                 rows.append(dict(K=K, N=N, group=group, M=M, config=cfg.__dict__, us=ms * 1e3,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
                                  fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
                 log.info("gemv %s", rows[-1])
-                if sweep and group == 128 and M in (1, 8):
-                    for nt in (1, 2, 4):
-                        for ks in (4, 8, 16):
-                            for stages in (2, 3, 4):
-                                cfg = GemvConfig(mt=cfg.mt, nt=nt, ks=ks, stages=stages)
-                                ms_c = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime, None, cfg)), len(pool))
-                                sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
-                                                   frac_copy_bw=total / (ms_c / 1e3) / bw))
-                                log.info("sweep %s", sweeps[-1])
+                if sweep and group == 128 and M in sweep:
+                    for cfg in sweep_configs(cfg.mt):
+                        ms_c = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime, None, cfg)), len(pool))
+                        sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
+                                           frac_copy_bw=total / (ms_c / 1e3) / bw))
+                        log.info("sweep %s", sweeps[-1])
             del pool
     return rows, sweeps
 
@@ -185,15 +199,16 @@ def markdown(res) -> str:
                    f"{100 * r['frac_copy_bw']:.0f}% | {r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
     if res.get("gemv_sweep"):
         out += ["", "GEMV block configurations (group 128, fp16): the best of the sweep per shape and M.", "",
-                "| K x N | M | best (mt, nt, ks, stages) | us | % copy BW | configs tried |", "| --- | --- | --- | --- | --- | --- |"]
+                "| K x N | M | best (mt, nt, ks, stages, contig) | us | % copy BW | configs tried |",
+                "| --- | --- | --- | --- | --- | --- |"]
         keys = sorted({(r["K"], r["N"], r["M"]) for r in res["gemv_sweep"]})
         for K, N, M in keys:
             rs = [r for r in res["gemv_sweep"] if (r["K"], r["N"], r["M"]) == (K, N, M) and r["us"] == r["us"]]
             if rs:
                 b = min(rs, key=lambda r: r["us"])
                 c = b["config"]
-                out.append(f"| {K}x{N} | {M} | ({c['mt']}, {c['nt']}, {c['ks']}, {c['stages']}) | {b['us']:.1f} | "
-                           f"{100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
+                out.append(f"| {K}x{N} | {M} | ({c['mt']}, {c['nt']}, {c['ks']}, {c['stages']}, {int(c['contig'])}) | "
+                           f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
     out += ["", "GEMM paths (group 128, fp16), TFLOP/s; the fastest W4A16 path per M is what `w4a16_linear` dispatches.",
             "GEMM columns name the block tile (tokens x channels).", "",
             "| K x N | M | GEMV | " + " | ".join(n.replace("gemm_", "GEMM ") for n in GEMM_VARIANTS)
@@ -208,12 +223,18 @@ def markdown(res) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "workspace/bench"), "w4a16_kernels.json"))
-    p.add_argument("--sweep", action="store_true", help="also time GEMV block configurations (group 128)")
+    p.add_argument("--sweep", default="", help="token counts at which to time GEMV block configurations "
+                   "(group 128), e.g. 1,8")
     p.add_argument("--quick", action="store_true", help="group 128 only, fewer token counts")
+    p.add_argument("--gemv-only", action="store_true", help="skip the GEMM comparison")
+    p.add_argument("--profile", default="", help="K,N,M[,nt,ks,stages,contig]: run one GEMV for ncu and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
+    if args.profile:
+        profile_one(args.profile)
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bandwidth()                                  # warm the clocks up first
     bw = copy_bandwidth()
@@ -225,9 +246,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
     groups = (128,) if args.quick else (32, 64, 128)
-    res["gemv"], res["gemv_sweep"] = bench_gemv(bw, groups, (1, 8) if args.quick else (1, 4, 8), args.sweep)
+    sweep = [int(m) for m in args.sweep.split(",") if m]
+    res["gemv"], res["gemv_sweep"] = bench_gemv(bw, groups, (1, 8) if args.quick else (1, 4, 8), sweep)
     save()
-    res["gemm"] = bench_gemm([16, 256, 4096] if args.quick else TOKENS)
+    res["gemm"] = [] if args.gemv_only else bench_gemm([16, 256, 4096] if args.quick else TOKENS)
     res["copy_GBps_end"] = copy_bandwidth() / 1e9
     save()
     md = markdown(res)

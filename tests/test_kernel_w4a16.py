@@ -191,16 +191,17 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [(1, 1, 1, 2), (1, 2, 4, 4), (2, 1, 8, 4), (4, 2, 2, 2), (1, 4, 8, 3), (2, 2, 16, 3),
-                                 (1, 4, 16, 2)])
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 0), (1, 2, 4, 4, 0), (2, 1, 8, 4, 1), (4, 2, 2, 2, 0), (1, 4, 8, 3, 1),
+                                 (2, 2, 16, 3, 0), (1, 4, 16, 2, 1), (1, 2, 4, 3, 1)])
 def test_gemv_configs_agree(gpu_linears, cfg):
     from backend.kernels.w4a16_gemv import GemvConfig, gemv
-    mt, nt, ks, stages = cfg
+    mt, nt, ks, stages, contig = cfg
     lin = gpu_linears(576, 1728, 32)
     rt = w4a16.prepare(lin)
     for M in (1, 5, 8 * mt, 8 * mt + 3):
         x = torch.randn(M, 576, device="cuda", dtype=torch.float16)
-        _check(gemv(x, rt, lin.bias.half(), GemvConfig(mt=mt, nt=nt, ks=ks, stages=stages)), _ref(x, lin),
+        _check(gemv(x, rt, lin.bias.half(), GemvConfig(mt=mt, nt=nt, ks=ks, stages=stages, contig=bool(contig))),
+               _ref(x, lin),
                torch.float16)
 
 

@@ -9,7 +9,7 @@ meet in shared memory. Tokens beyond 8*MT run as further grid rows (grid.y), re-
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _SOURCE = DEVICE_HELPERS + r"""
-// -D: IS_BF16, GROUP_SIZE, MT (8-token tiles), NT (n-tiles per block), KS (warps per block), STAGES (chunks in
+// -D: IS_BF16, GROUP_SIZE, MT (8-token tiles), NT (n-tiles per block), KS (warps per block), CONTIG, STAGES (chunks in
 // in the ring of each warp, STAGES-1 in flight while one is computed), XROWS (token rows staged, <= 8*MT).
 // Each lane copies, and later reads, only its own pieces of the ring: no barrier inside the loop.
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)        // groups met in one k-chunk of 64
@@ -52,8 +52,16 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         zsrc[j] = zero_words + (size_t)nt * ngroups * 2 + (g >> 2);
     }
 
+    // CONTIG: this warp streams chunks [c0, c_end) in order; else chunks warp, warp + KS, ... (interleaved)
+#if CONTIG
+    const int per_warp = (nchunks + KS - 1) / KS;
+    const int c0 = warp * per_warp, c_step = 1, c_end = min(c0 + per_warp, nchunks);
+#else
+    const int c0 = warp, c_step = KS, c_end = nchunks;
+#endif
+
     auto issue = [&](int c, int slot) {
-        const bool ok = c < nchunks;
+        const bool ok = c < c_end;
         const int cc = ok ? c : 0;
         const u32 st = ring_s + slot * STAGE_BYTES;
 #pragma unroll
@@ -90,11 +98,11 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 
     // chunk c of this warp lives in slot `slot`; chunk c + (STAGES-1)*KS refills the slot read one step earlier
 #pragma unroll
-    for (int s = 0; s + 1 < STAGES; ++s) issue(warp + s * KS, s);
+    for (int s = 0; s + 1 < STAGES; ++s) issue(c0 + s * c_step, s);
     int slot = 0;
-    for (int c = warp; c < nchunks; c += KS) {
+    for (int c = c0; c < c_end; c += c_step) {
         cp_async_wait<STAGES - 2>();
-        issue(c + (STAGES - 1) * KS, slot == 0 ? STAGES - 1 : slot - 1);
+        issue(c + (STAGES - 1) * c_step, slot == 0 ? STAGES - 1 : slot - 1);
         const unsigned char* st = ring + slot * STAGE_BYTES;
         const uint4* sw = reinterpret_cast<const uint4*>(st);
         const uint4* sx = reinterpret_cast<const uint4*>(st + W_BYTES);
@@ -185,6 +193,7 @@ class GemvConfig:
     nt: int = 1       # n-tiles (16 channels) per block
     ks: int = 8       # warps per block, splitting K
     stages: int = 3   # ring slots per warp: stages - 1 chunks in flight while one is computed
+    contig: bool = False   # each warp streams a contiguous range of k-chunks (else interleaved with the others)
 
     def xrows(self, M: int) -> int:
         """Token rows a block stages: all 8*mt when the tokens take several block rows, else M rounded up to 2^k."""
@@ -192,7 +201,8 @@ class GemvConfig:
 
     def options(self, dtype: torch.dtype, group_size: int, M: int):
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DMT={self.mt}",
-                f"-DNT={self.nt}", f"-DKS={self.ks}", f"-DSTAGES={self.stages}", f"-DXROWS={self.xrows(M)}")
+                f"-DNT={self.nt}", f"-DKS={self.ks}", f"-DSTAGES={self.stages}", f"-DXROWS={self.xrows(M)}",
+                f"-DCONTIG={int(self.contig)}")
 
     def shared_bytes(self, group_size: int, M: int) -> int:
         ng = 2 if group_size == 32 else 1
@@ -206,24 +216,27 @@ def _device_limits(device: int):
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 227 * 1024)
 
 
-def default_config(M: int, N: int, K: int, device: int) -> GemvConfig:
-    """The sweep of scripts/bench_kernels.py (H200, docs/benchmarks.md): 2 n-tiles a block, 2 chunks in flight
-    a warp, and K split so that each warp streams ~8 chunks or more; fewer warps where n-tiles alone fill the GPU."""
+def default_config(M: int, N: int, K: int, group_size: int, device: int) -> GemvConfig:
+    """From the sweep of scripts/bench_kernels.py (H200, docs/benchmarks.md): 2 n-tiles a block where n-tiles
+    alone fill the SMs, 2 chunks in flight a warp, K split so that each warp streams 8 chunks or more."""
+    sm_count, smem_limit = _device_limits(device)
     mt = min(4, -(-M // 8))
     ntiles, nchunks = N // 16, K // 64
-    nt = 2 if ntiles >= _device_limits(device)[0] else 1
+    nt = 2 if ntiles >= sm_count else 1
     ks = 4
     while ks < 16 and nchunks >= 16 * ks:
         ks *= 2
-    ks = max(1, min(ks, nchunks))
-    return GemvConfig(mt=mt, nt=nt, ks=ks, stages=3)
+    cfg = GemvConfig(mt=mt, nt=nt, ks=max(1, min(ks, nchunks)), stages=3)
+    while cfg.ks > 1 and cfg.shared_bytes(group_size, M) > smem_limit:
+        cfg = replace(cfg, ks=cfg.ks // 2)
+    return cfg
 
 
 def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None) -> torch.Tensor:
     """x: [M, K] fp16/bf16 contiguous, 16-byte aligned -> y: [M, N]."""
     M, K = x.shape
     N = rt.out_features
-    cfg = config or default_config(M, N, K, x.device.index)
+    cfg = config or default_config(M, N, K, rt.group_size, x.device.index)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size, M)
     if smem > _device_limits(x.device.index)[1]:
