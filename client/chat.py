@@ -19,7 +19,7 @@ import sys
 from typing import Iterator, List, Optional
 
 from client.grpc_client import GrpcClient
-from client.protocol import TritonError
+from client.protocol import Generation, TritonError
 from client.template import ChatFormatter
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class ChatSession:
         self.session_id = 0
         self.held = ""            # the text of the tokens in the server's session (prompts + answers)
         self.num_restarts = 0     # how many turns had to resend the whole history
-        self.last_prompt_tokens = 0
+        self.last = Generation()  # the latest turn: text, token counts (cached_tokens: history reused)
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to one user message; the exchange is added to the history when it completes."""
@@ -62,17 +62,14 @@ class ChatSession:
         if start:
             self.session_id = random.randrange(1, 2**63)
             self.held = ""
-        answer, reason = "", None
+        self.last = turn = Generation()
         for delta in self.client.stream(text, session_id=self.session_id, session_start=start, **self.params):
-            answer += delta.text
-            reason = delta.finish_reason or reason
-            if delta.prompt_tokens is not None:
-                self.last_prompt_tokens = delta.prompt_tokens
+            turn.add(delta)
             if delta.text:
                 yield delta.text
         # an answer that stopped on EOS keeps the EOS token in the session's KV
-        self.held += text + answer + (self.formatter.eos_text if reason == "stop" else "")
-        self.messages.append({"role": "assistant", "content": answer})
+        self.held += text + turn.text + (self.formatter.eos_text if turn.finish_reason == "stop" else "")
+        self.messages.append({"role": "assistant", "content": turn.text})
 
     def close(self) -> None:
         """Release the server-side session (END); the server's TTL would release it anyway."""

@@ -67,6 +67,7 @@ class GrpcClient:
         self.client = grpcclient.InferenceServerClient(url)
         self._interfaces: Dict[str, ModelInterface] = {}
         self._queue: Optional[queue.Queue] = None
+        self._cancelled = False
         self._lock = threading.Lock()
 
     def interface(self, model: str) -> ModelInterface:
@@ -93,7 +94,7 @@ class GrpcClient:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this GrpcClient already has a stream open; use one client per concurrent stream")
         q: queue.Queue = queue.Queue()
-        self._queue, finished = q, False
+        self._queue, self._cancelled, finished = q, False, False
         try:
             self.client.start_stream(callback=lambda result, error: q.put((result, error)))
             self.client.async_stream_infer(model, inputs, request_id=request_id, sequence_id=session_id,
@@ -110,6 +111,8 @@ class GrpcClient:
                 result, error = item
                 if error is not None:
                     finished = True
+                    if self._cancelled:               # "Locally cancelled": cancel() ended this stream
+                        return
                     raise _as_error(error)
                 delta, finished = _parse(result)
                 if delta is not None:
@@ -119,7 +122,8 @@ class GrpcClient:
         finally:
             self._queue = None
             try:
-                self.client.stop_stream(cancel_requests=not finished)
+                if not self._cancelled:               # cancel() has stopped the stream already
+                    self.client.stop_stream(cancel_requests=not finished)
             finally:
                 self._lock.release()
 
@@ -130,8 +134,9 @@ class GrpcClient:
         """Cancel the stream in flight (from another thread); the stream's iterator then ends."""
         q = self._queue
         if q is not None:
-            self.client.stop_stream(cancel_requests=True)
+            self._cancelled = True
             q.put(_CANCELLED)
+            self.client.stop_stream(cancel_requests=True)
 
     def close(self) -> None:
         self.client.close()

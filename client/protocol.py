@@ -24,7 +24,8 @@ _NP_DTYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
     "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
-OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens", "log_probs")
+OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                "log_probs")
 
 
 class TritonError(RuntimeError):
@@ -125,6 +126,7 @@ class Delta:
     finish_reason: Optional[str] = None
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    cached_tokens: Optional[int] = None     # prompt tokens whose KV the engine reused (session or prefix cache)
 
     @classmethod
     def from_outputs(cls, get) -> "Delta":
@@ -143,13 +145,14 @@ class Delta:
 
         ids, lps = get("output_ids"), get("log_probs")
         reason = text("finish_reason")
-        pt, ct = scalar("prompt_tokens"), scalar("completion_tokens")
+        pt, ct, cached = scalar("prompt_tokens"), scalar("completion_tokens"), scalar("cached_tokens")
         return cls(text=text("text_output") or "",
                    token_ids=[] if ids is None else [int(i) for i in np.asarray(ids).reshape(-1)],
                    logprobs=[] if lps is None else [float(x) for x in np.asarray(lps).reshape(-1)],
                    finish_reason=reason or None,
                    prompt_tokens=None if pt is None else int(pt),
-                   completion_tokens=None if ct is None else int(ct))
+                   completion_tokens=None if ct is None else int(ct),
+                   cached_tokens=None if cached is None else int(cached))
 
 
 @dataclass
@@ -161,6 +164,7 @@ class Generation:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
@@ -171,6 +175,8 @@ class Generation:
             self.prompt_tokens = delta.prompt_tokens
         if delta.completion_tokens is not None:
             self.completion_tokens = delta.completion_tokens
+        if delta.cached_tokens is not None:
+            self.cached_tokens = delta.cached_tokens
 
     @classmethod
     def join(cls, deltas: Sequence[Delta]) -> "Generation":

@@ -1,7 +1,7 @@
 """Test helper for the client tests: a small demo workspace and one real tritonserver per test module.
 
 Import the fixture into a test module (`from tests.serving import triton_server`); each module gets its own
-server (the OpenAI tests stop theirs on purpose). The converted workspace is shared by the whole session.
+server (the OpenAI tests stop theirs on purpose). The converted workspace is shared with the serving tests (tests/serving_util.py).
 """
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import httpx
 import pytest
 
 from scripts.launch_triton_server import TritonServer
+from tests.serving_util import PARAMS    # the serving tests' small CPU engine; their workspace is reused
 
 MODEL = "llm"
-# small and CPU-friendly: fp32 on CPU, 256 KV blocks of 16 tokens, no CUDA graphs
-PARAMS = {"dtype": "float32", "device": "cpu", "session_len": "1024", "max_batch_size": "8",
-          "cache_block_seq_len": "16", "cache_max_entry_count": "256", "use_cuda_graph": "false"}
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Served:
 
 
 def demo_workspace(tmp_path_factory) -> Path:
-    workspace = tmp_path_factory.getbasetemp() / "clients_workspace"
+    workspace = tmp_path_factory.getbasetemp() / "serving_workspace"
     if not (workspace / "model_repository" / MODEL / "config.pbtxt").exists():
         from tools.convert import convert
         convert("demo", workspace, MODEL, params=dict(PARAMS))

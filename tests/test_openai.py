@@ -144,7 +144,7 @@ def test_errors_are_openai_objects(oai, gateway, triton_server):
 
 
 def test_client_disconnect_cancels_the_triton_request(gateway, triton_server):
-    body = {"model": triton_server.model, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True,
+    body = {"model": triton_server.model, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=60) as r:
         events = list(itertools.islice((x for x in r.iter_lines() if x.startswith("data:")), 3))
