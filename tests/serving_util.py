@@ -115,6 +115,7 @@ def grpc_stream(url: str, model: str = "llm", timeout: float = 600, **values) ->
 
 
 def http_generate_stream(url: str, model: str = "llm", **body) -> Result:
+    body.setdefault("stream", True)
     req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     res = Result()

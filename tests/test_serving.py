@@ -64,23 +64,25 @@ def test_16_concurrent_streams(served, expected):
     assert [r.text for r in results] == texts
 
 
+def _wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return cond()
+
+
 def test_cancel_mid_stream_frees_kv_blocks(served):
+    time.sleep(1.0)                    # let the engine's idle stats reach the metrics port
     idle = metric(served, "lmtriton_kv_blocks_used")
     client = grpcclient.InferenceServerClient(served.grpc_url)
     got = []
     client.start_stream(callback=lambda result, error: got.append((result, error)))
     client.async_stream_infer("llm", inputs(text_input="Tell me a long story about a dragon.", max_tokens=400,
                                             ignore_eos=True, stream=True))
-    deadline = time.monotonic() + 300
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert got and got[0][1] is None
-    assert metric(served, "lmtriton_kv_blocks_used") > idle     # the request holds blocks now
+    assert _wait_for(lambda: len(got) >= 1, 300) and got[0][1] is None
+    assert _wait_for(lambda: metric(served, "lmtriton_kv_blocks_used") > idle, 30)   # it holds blocks now
     client.stop_stream(cancel_requests=True)
-    deadline = time.monotonic() + 60
-    while metric(served, "lmtriton_kv_blocks_used") != idle and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric(served, "lmtriton_kv_blocks_used") == idle
+    assert _wait_for(lambda: metric(served, "lmtriton_kv_blocks_used") == idle, 60)
     assert metric(served, "lmtriton_requests_running") == 0
     assert len(got) < 400
 
