@@ -227,6 +227,7 @@ def main(argv=None) -> int:
                    "(group 128), e.g. 1,8")
     p.add_argument("--quick", action="store_true", help="group 128 only, fewer token counts")
     p.add_argument("--gemv-only", action="store_true", help="skip the GEMM comparison")
+    p.add_argument("--gemm-tokens", default="", help="token counts of the GEMM comparison (default: 1..4096)")
     p.add_argument("--profile", default="", help="K,N,M[,nt,ks,stages,contig]: run one GEMV for ncu and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -249,7 +250,8 @@ def main(argv=None) -> int:
     sweep = [int(m) for m in args.sweep.split(",") if m]
     res["gemv"], res["gemv_sweep"] = bench_gemv(bw, groups, (1, 8) if args.quick else (1, 4, 8), sweep)
     save()
-    res["gemm"] = [] if args.gemv_only else bench_gemm([16, 256, 4096] if args.quick else TOKENS)
+    gemm_tokens = [int(m) for m in args.gemm_tokens.split(",") if m] or ([16, 256, 4096] if args.quick else TOKENS)
+    res["gemm"] = [] if args.gemv_only else bench_gemm(gemm_tokens)
     res["copy_GBps_end"] = copy_bandwidth() / 1e9
     save()
     md = markdown(res)

@@ -110,9 +110,12 @@ def prepare(linear) -> W4A16Runtime:
     return linear.runtime
 
 
-# Token counts where each CUDA path wins (measured by scripts/bench_kernels.py, see docs/benchmarks.md).
-GEMV_MAX_TOKENS = 16
-GEMM_MAX_TOKENS = 512
+# Token counts where each CUDA path wins, measured by scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
+# the GEMV up to 32 tokens on the Llama-7B shapes; above, dequantize + cuBLAS beats the mma.sync GEMM at every M
+# (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the GEMM's range (GEMV_MAX_TOKENS, GEMM_MAX_TOKENS] is
+# empty here. It stays selectable for GPUs where it measures faster.
+GEMV_MAX_TOKENS = 32
+GEMM_MAX_TOKENS = 32
 
 
 def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:

@@ -192,7 +192,7 @@ class GemvConfig:
     mt: int = 1       # 8-token tiles per block row
     nt: int = 1       # n-tiles (16 channels) per block
     ks: int = 8       # warps per block, splitting K
-    stages: int = 3   # ring slots per warp: stages - 1 chunks in flight while one is computed
+    stages: int = 2   # ring slots per warp: stages - 1 chunks in flight while one is computed
     contig: bool = False   # each warp streams a contiguous range of k-chunks (else interleaved with the others)
 
     def xrows(self, M: int) -> int:
@@ -217,16 +217,19 @@ def _device_limits(device: int):
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: int) -> GemvConfig:
-    """From the sweep of scripts/bench_kernels.py (H200, docs/benchmarks.md): 2 n-tiles a block where n-tiles
-    alone fill the SMs, 2 chunks in flight a warp, K split so that each warp streams 8 chunks or more."""
+    """The best of the block-configuration sweep of scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
+    2 n-tiles a block where n-tiles alone fill the SMs, a 2-slot ring, and the most warps splitting K (up to 16)
+    that still keep the whole grid resident in one wave (about 32 warps an SM fit the registers at mt=1)."""
     sm_count, smem_limit = _device_limits(device)
     mt = min(4, -(-M // 8))
     ntiles, nchunks = N // 16, K // 64
     nt = 2 if ntiles >= sm_count else 1
-    ks = 4
-    while ks < 16 and nchunks >= 16 * ks:
-        ks *= 2
-    cfg = GemvConfig(mt=mt, nt=nt, ks=max(1, min(ks, nchunks)), stages=3)
+    blocks = -(-ntiles // nt)
+    warps_per_sm = 32 // mt
+    ks = 16
+    while ks > 1 and (ks > min(warps_per_sm, max(1, nchunks // 2)) or blocks > sm_count * (warps_per_sm // ks)):
+        ks //= 2
+    cfg = GemvConfig(mt=mt, nt=nt, ks=ks, stages=2)
     while cfg.ks > 1 and cfg.shared_bytes(group_size, M) > smem_limit:
         cfg = replace(cfg, ks=cfg.ks // 2)
     return cfg
