@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from backend.config import SamplingParams
 
-from . import bench_common, bench_hf, bench_report, plots
+from . import bench_common, bench_hf, bench_report
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,6 @@ def main(argv=None) -> int:
     result = {"meta": bench_report.meta("generation", argv), "model": mut.describe(), "results": rows}
     path = bench_report.write(args.out_dir, f"generation_{tag}", result,
                               bench_report.markdown_table(rows, COLUMNS))
-    plots.main([str(path)])
+    bench_report.plot(path)
     mut.close()
     return 0

@@ -93,3 +93,13 @@ def write(out_dir, name: str, result: dict, table: str) -> Path:
     (out / f"{name}.md").write_text(head + "\n" + table + "\n")
     log.info("wrote %s and %s.md", path, name)
     return path
+
+
+def plot(json_path: Path) -> None:
+    """The PNG next to a result file; where matplotlib is missing (the GPU image), say how to make it later."""
+    try:
+        from . import plots
+    except ImportError as e:
+        log.warning("no plot (%s): run `python -m scripts.plots %s` where matplotlib is installed", e, json_path)
+        return
+    plots.main([str(json_path)])

@@ -21,7 +21,7 @@ from backend.config import EngineConfig
 from backend.engine.core import build_engine
 from backend.llm import load_tokenizer
 
-from . import bench_common, bench_report, bench_throughput, bench_workload, plots, serving_load
+from . import bench_common, bench_report, bench_throughput, bench_workload, serving_load
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
               "workload": bench_workload.summary(lengths), "results": rows}
     tag = args.tag or Path(args.workspace).resolve().name
     path = bench_report.write(args.out_dir, f"serving_{tag}", result, bench_report.markdown_table(rows, COLUMNS))
-    plots.main([str(path)])
+    bench_report.plot(path)
     return 0
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from backend.config import SamplingParams
 
-from . import bench_common, bench_hf, bench_report, bench_workload, plots
+from . import bench_common, bench_hf, bench_report, bench_workload
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         table += "\n\n" + hf_table(cmp)
     path = bench_report.write(args.out_dir, f"throughput_{args.tag or bench_common.default_tag(mut)}", result,
                               table)
-    plots.main([str(path)])
+    bench_report.plot(path)
     mut.close()
     return 0
 
