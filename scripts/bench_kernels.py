@@ -189,9 +189,11 @@ def bench_gemm(tokens, group=128):
 
 def markdown(res) -> str:
     bw = res["copy_GBps"]
-    out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (bytes read + written, best of torch copy_ and an elementwise kernel). {res['date']}.",
+    out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (bytes read + written, best of torch copy_ "
+           f"and an elementwise kernel). {res['date']}.",
            f"Command: `{res['command']}`", "",
-           "GEMV (fp16 activations): time, achieved bandwidth and share of copy bandwidth; fp16 cuBLAS on the same shape.",
+           "GEMV (fp16 activations): time, achieved bandwidth and share of copy bandwidth; fp16 cuBLAS on the "
+           "same shape.",
            "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | fp16 cuBLAS us | speed-up |",
            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["gemv"]:
@@ -209,7 +211,7 @@ def markdown(res) -> str:
                 c = b["config"]
                 out.append(f"| {K}x{N} | {M} | ({c['mt']}, {c['nt']}, {c['ks']}, {c['stages']}, {int(c['contig'])}) | "
                            f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
-    out += ["", "GEMM paths (group 128, fp16), TFLOP/s; the fastest W4A16 path per M is what `w4a16_linear` dispatches.",
+    out += ["", "GEMM paths (group 128, fp16), TFLOP/s; `w4a16_linear` dispatches to the fastest W4A16 path per M.",
             "GEMM columns name the block tile (tokens x channels).", "",
             "| K x N | M | GEMV | " + " | ".join(n.replace("gemm_", "GEMM ") for n in GEMM_VARIANTS)
             + " | dequant+cuBLAS | fp16 cuBLAS | fastest |", "|" + " --- |" * (len(GEMM_VARIANTS) + 6)]
@@ -239,8 +241,9 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bandwidth()                                  # warm the clocks up first
     bw = copy_bandwidth()
+    cli = " ".join(sys.argv[1:] if argv is None else argv)
     res = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               command="PYTHONPATH=. python3 scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv), copy_GBps=bw / 1e9)
+               command="PYTHONPATH=. python3 scripts/bench_kernels.py " + cli, copy_GBps=bw / 1e9)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
 
     def save():

@@ -111,11 +111,11 @@ def prepare(linear) -> W4A16Runtime:
 
 
 # Token counts where each CUDA path wins, measured by scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
-# the GEMV up to 32 tokens on the Llama-7B shapes; above, dequantize + cuBLAS beats the mma.sync GEMM at every M
-# (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the GEMM's range (GEMV_MAX_TOKENS, GEMM_MAX_TOKENS] is
-# empty here. It stays selectable for GPUs where it measures faster.
-GEMV_MAX_TOKENS = 32
-GEMM_MAX_TOKENS = 32
+# the GEMV up to 64 tokens on the Llama-7B shapes; from 128 on, dequantize + cuBLAS beats the mma.sync GEMM at
+# every M (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the GEMM's range (GEMV_MAX_TOKENS,
+# GEMM_MAX_TOKENS] is empty here. It stays selectable for GPUs where it measures faster.
+GEMV_MAX_TOKENS = 64
+GEMM_MAX_TOKENS = 64
 
 
 def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:

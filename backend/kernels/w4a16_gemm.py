@@ -45,7 +45,8 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         uint4* st = smem + slot * STAGE_U4;
         for (int v = tid; v < W_U4; v += 256) {
             const int nt = ntb0 + v / 32;
-            cp_async16_cg(smem_addr(st + v), qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31), ok && nt < ntiles);
+            const uint4* src = qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31);
+            cp_async16_cg(smem_addr(st + v), src, ok && nt < ntiles);
         }
         for (int v = tid; v < X_U4; v += 256) {
             const int row = v >> 3, u = v & 7;

@@ -141,7 +141,9 @@ __device__ __forceinline__ u32 mul2(u32 a, u32 b) {  // one rounding, as the ref
     return d;
 }
 
-__device__ __forceinline__ uint4 u4(u32 a, u32 b, u32 c, u32 d) { uint4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r; }
+__device__ __forceinline__ uint4 u4(u32 a, u32 b, u32 c, u32 d) {
+    uint4 r; r.x = a; r.y = b; r.z = c; r.w = d; return r;
+}
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     u32 d;
@@ -219,5 +221,7 @@ __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool pred) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(pred ? 4 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
 """
