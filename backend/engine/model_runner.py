@@ -116,13 +116,15 @@ class ModelRunner:
         cu = [0]
         for q in q_lens:
             cu.append(cu[-1] + q)
-        dev = self.device
-        i32 = dict(dtype=torch.int32)
-        tensors = [torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, **i32), torch.tensor(slots, **i32),
-                   torch.tensor(tables, **i32), torch.tensor(ctx_lens, **i32), torch.tensor(cu, **i32)]
-        if dev.type == "cuda":
-            tensors = [t.pin_memory().to(dev, non_blocking=True) for t in tensors]
-        input_ids, positions, slot_mapping, block_tables, context_lens, cu_seqlens = tensors
+        # one int32 buffer for all metadata: on the GPU, two host-to-device copies a step instead of six
+        b, t = len(batch), len(ids)
+        flat = torch.tensor(pos + slots + ctx_lens + cu + [x for row in tables for x in row], dtype=torch.int32)
+        input_ids = torch.tensor(ids, dtype=torch.int64)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+            input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+        positions, slot_mapping, context_lens, cu_seqlens, block_tables = flat.split([t, t, b, b + 1, b * width])
+        block_tables = block_tables.view(b, width)                                        # [B, max_blocks]
         meta = AttnMetadata(positions=positions, slot_mapping=slot_mapping, block_tables=block_tables,
                             context_lens=context_lens, cu_seqlens_q=cu_seqlens, q_lens=q_lens, ctx_lens=ctx_lens,
                             is_decode=all(q == 1 for q in q_lens), max_context_len=max(ctx_lens))
