@@ -14,6 +14,7 @@ TP ?= 1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+API_PORT ?= 23333
 PYTEST_ARGS ?=
 BENCH_DIR ?= $(WORKSPACE)/bench
 BENCH_ARGS ?=
@@ -21,7 +22,7 @@ PERF_ARGS ?=
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install deps-browser demo-model convert serve chat demo test test-gpu bench perf clean
+.PHONY: install deps-browser demo-model convert serve chat openai demo test test-gpu bench perf clean
 
 install: $(VENV)/.installed
 
@@ -45,7 +46,12 @@ serve: install
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 chat: install
-	$(VPY) -m client.chat --url localhost:$(GRPC_PORT) --model $(NAME)
+	$(VPY) -m client.chat --url localhost:$(GRPC_PORT) --model $(NAME) --tokenizer $(WORKSPACE)/tokenizer
+
+# OpenAI-compatible API + web chat page at http://127.0.0.1:$(API_PORT)/ (tritonserver must be running: make serve)
+openai: install
+	$(VPY) -m client.openai_server --triton localhost:$(GRPC_PORT) --model $(NAME) \
+	  --tokenizer $(WORKSPACE)/tokenizer --port $(API_PORT)
 
 demo: install
 	$(VPY) -m tools.cli demo --workspace $(WORKSPACE)

@@ -17,6 +17,7 @@ from tests.serving import metric_value, triton_server  # noqa: F401  (module-sco
 
 PROMPT = "The capital of France is"
 GREEDY = {"max_tokens": 10, "temperature": 0.0}
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from tests.serving import metric_value, triton_server  # noqa: F401  (module-sco
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
 N = 12
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 # --- request validation (no server) ---------------------------------------------------------------------------

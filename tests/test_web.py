@@ -17,7 +17,8 @@ ARTIFACTS = Path(__file__).with_name("artifacts")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (make deps-browser)")
+pytestmark = [pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium (make deps-browser)")]
 
 # records every distinct text of the answer bubble while it streams, in window.seen
 WATCH_ANSWER = """() => {
