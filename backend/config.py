@@ -40,6 +40,7 @@ class EngineConfig:
     session_ttl: float = 3600.0          # seconds an idle session keeps its KV before it is released
     seed: int = 0                        # default seed for requests that give none
     cpu_kv_blocks: int = 0               # CPU device: block count when cache_max_entry_count <= 1 (0 = derive)
+    kv_qparams: str = ""                 # static per-head KV scales (`lmtriton lite kv_qparams`); needs int8/int4
 
     def __post_init__(self):
         if self.quant_policy is not None:
@@ -55,6 +56,9 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_qparams and self.kv_cache_dtype not in ("int8", "int4"):
+            raise ValueError(f"kv_qparams={self.kv_qparams!r} needs kv_cache_dtype int8 or int4, "
+                             f"got {self.kv_cache_dtype!r}")
         _check_range("session_len", self.session_len, 16, kind=int)
         _check_range("max_batch_size", self.max_batch_size, 1, 4096, kind=int)
         _check_range("cache_block_seq_len", self.cache_block_seq_len, 1, 1024, kind=int)

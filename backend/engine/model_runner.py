@@ -68,9 +68,13 @@ class ModelRunner:
         c = self.model_cfg
         self.kv_cache = KVCache(c.num_layers, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
                                 config.kv_cache_dtype, self.dtype, self.device)
+        if config.kv_qparams:
+            from ..kernels.kv_static import load_kv_qparams
+            self.model.kv_qparams = load_kv_qparams(config.kv_qparams, c.num_layers, c.num_kv_heads,
+                                                    config.kv_cache_dtype).to(self.device)
         self.eos_ids: List[int] = list(c.eos_token_ids)
         self.graphs = None
-        if self.device.type == "cuda" and config.use_cuda_graph:
+        if self.device.type == "cuda" and config.use_cuda_graph and not config.kv_qparams:   # static KV: eager
             from .cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(self)
         log.info("model runner: %s %s, %d KV blocks of %d tokens (%s)", self.device, self.dtype,

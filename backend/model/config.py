@@ -52,9 +52,10 @@ class ModelConfig:
         quant = None
         qc = hf.get("quantization_config")
         if qc:
-            if qc.get("quant_method") != "awq" or qc.get("bits", qc.get("w_bit")) != 4:
-                raise ValueError(f"unsupported quantization_config {qc}: only AWQ 4-bit is supported")
-            quant = {"method": "awq", "bits": 4, "group_size": int(qc.get("group_size", qc.get("q_group_size")))}
+            from .quant_config import parse_awq_config
+            head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+            quant = parse_awq_config(qc, {"hidden_size": hf["hidden_size"], "o_proj in": heads * head_dim,
+                                          "intermediate_size": hf["intermediate_size"]})
         return cls(
             arch=arch, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
@@ -72,7 +73,11 @@ class ModelConfig:
             return cls(**json.loads((d / ENGINE_CONFIG_FILE).read_text()))
         if not (d / "config.json").exists():
             raise FileNotFoundError(f"{d} has neither config.json nor {ENGINE_CONFIG_FILE}")
-        cfg = cls.from_hf(json.loads((d / "config.json").read_text()))
+        hf = json.loads((d / "config.json").read_text())
+        from .quant_config import QUANT_CONFIG_FILE
+        if not hf.get("quantization_config") and (d / QUANT_CONFIG_FILE).exists():   # older AutoAWQ checkpoints
+            hf["quantization_config"] = json.loads((d / QUANT_CONFIG_FILE).read_text())
+        cfg = cls.from_hf(hf)
         gen = d / "generation_config.json"
         if gen.exists():   # chat models often end turns with a token only generation_config names
             eos = json.loads(gen.read_text()).get("eos_token_id")

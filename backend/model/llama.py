@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..kernels.activation import silu_and_mul
 from ..kernels.kv_cache import KVCache, write_kv
+from ..kernels.kv_static import write_kv_static
 from ..kernels.paged_attention import AttnMetadata, paged_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotary
@@ -43,6 +44,7 @@ class LlamaModel:
         self.rope_scaling_factor = rope_scaling_factor
         self.logn_max_pos = cfg.max_position_embeddings if use_logn_attn else 0
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self.kv_qparams = None    # [L, 2, Hk, 2] static KV (scale, zero), set by the model runner when configured
 
     def rotary_freqs(self, meta: AttnMetadata) -> torch.Tensor:
         """[D/2], or [T, D/2] under dynamic NTK: a sequence longer than the training length gets a larger base."""
@@ -73,7 +75,10 @@ class LlamaModel:
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
             cache = kv.layer(i)
-            write_kv(k, v, cache, meta.slot_mapping)
+            if self.kv_qparams is None:
+                write_kv(k, v, cache, meta.slot_mapping)
+            else:
+                write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
             o = paged_attention(q, cache, meta, self.scale)                          # [T, Hq, D]
             h = layer.o(o.reshape(t, cfg.q_size))
             x, residual = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps, residual)

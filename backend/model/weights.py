@@ -91,7 +91,10 @@ def iter_hf_weights(model_dir, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Te
     for i in range(cfg.num_layers):
         pre = f"{layers}.{i}"
         for ours, parts in table.items():
-            for suf in (("weight",) if ours.endswith("norm") else suffixes + ("bias",)):
+            sufs = suffixes
+            if cfg.quant and f"{pre}.{parts[0]}.qweight" not in names and f"{pre}.{parts[0]}.weight" in names:
+                sufs = ("weight",)        # a linear the AWQ checkpoint keeps in fp (modules_to_not_convert)
+            for suf in (("weight",) if ours.endswith("norm") else sufs + ("bias",)):
                 keys = [f"{pre}.{p}.{suf}" for p in parts]
                 if not all(k in names for k in keys):
                     if suf == "bias":
