@@ -1,0 +1,167 @@
+"""`lmtriton lite auto_awq`: W4A16 AWQ (or plain round-to-nearest) quantization of an HF checkpoint, layer by layer.
+
+Per decoder layer: the fp layer runs on a few calibration windows, collecting the second moments of each linear
+group's input; for each scale group of the family table (tools/quant_family.py) AWQ searches per-channel scales
+from the calibration statistics' mean |x| and folds them into the preceding norm / linear; then a clipping search
+bounds each group's weight range; then int4 round-to-nearest. The output is an HF-style AWQ checkpoint
+(AutoAWQ "gemm" names and packing: qweight / qzeros / scales, config.json quantization_config) that
+backend.model.weights loads. The fp layer output (not the quantized one) feeds the next layer, as llm-awq does.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from tqdm import tqdm
+
+from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
+
+from .awq_search import gram, quantize_rtn, search_clip, search_scale
+from .calibrate import calib_windows, calibrate, load_stats
+from .layerwise import LayerwiseCheckpoint, layer_forward
+from .quant_family import QuantFamily
+
+log = logging.getLogger(__name__)
+
+METHODS = ("awq", "rtn")
+
+
+def valid_group_sizes(in_features) -> list:
+    return [g for g in SUPPORTED_GROUP_SIZES if all(f % g == 0 for f in in_features)]
+
+
+def check_quant_args(ckpt: LayerwiseCheckpoint, w_bits: int, group_size: Optional[int]) -> int:
+    """-> the group size to use (None picks the largest that fits); clear errors for anything unsupported."""
+    if w_bits != 4:
+        raise ValueError(f"w_bits must be 4 (W4A16 int4 weights), got {w_bits}")
+    cfg = ckpt.cfg
+    ins = {"hidden_size": cfg.hidden_size, "q_size (o_proj input)": cfg.q_size,
+           "intermediate_size (down_proj input)": cfg.intermediate_size}
+    valid = valid_group_sizes(ins.values())
+    if group_size is None:
+        if not valid:
+            raise ValueError(f"no supported group size {SUPPORTED_GROUP_SIZES} divides the in_features {ins}")
+        return valid[-1]
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"w_group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+    bad = {k: v for k, v in ins.items() if v % group_size}
+    if bad:
+        raise ValueError(f"w_group_size {group_size} does not divide in_features {bad} of {cfg.arch}; "
+                         f"group sizes that work for this model: {valid or 'none'}")
+    return group_size
+
+
+def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, method: str,
+                   sigmas: Optional[Dict[str, torch.Tensor]] = None, stats: Optional[dict] = None,
+                   ) -> Dict[str, torch.Tensor]:
+    """One decoder layer, HF suffix -> float32 tensor. sigmas: input name -> E[x x^T] [C, C] (awq only);
+    stats: that layer's calibration statistics (awq only). -> HF suffixes of the quantized layer."""
+    w = dict(w)
+    sig = dict(sigmas or {})
+    inp_of = {lin: g.inp for g in fam.groups for lin in g.linears}
+    report = []
+    if method == "awq":
+        for g in fam.groups:
+            ws = [w[lin + ".weight"] for lin in g.linears]
+            prev = w[g.prev + ".weight"]
+            if prev.shape[0] != ws[0].shape[1]:
+                continue                     # e.g. v -> o under GQA: v's outputs are not o's inputs one to one
+            s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size)
+            report.append(f"{g.inp}:{ratio:.2f}/{rel:.2f}")
+            if g.prev in fam.norms:
+                w[g.prev + ".weight"] = prev / s
+            else:                            # a linear [out, in]: its output rows carry the 1/s
+                w[g.prev + ".weight"] = prev / s[:, None]
+                if g.prev + ".bias" in w:
+                    w[g.prev + ".bias"] = w[g.prev + ".bias"] / s
+            for lin in g.linears:
+                w[lin + ".weight"] = w[lin + ".weight"] * s
+            sig[g.inp] = sig[g.inp] / s[:, None] / s[None, :]    # moments of the scaled input x / s
+    out = {k: v for k, v in w.items() if not any(k.startswith(lin + ".weight") for lin in fam.linears)}
+    for lin in fam.linears:
+        weight = w[lin + ".weight"]
+        clip = None
+        if method == "awq" and lin not in fam.no_clip:
+            clip = search_clip(weight, sig[inp_of[lin]], group_size)
+        codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
+        out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
+        out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
+        out[lin + ".scales"] = scales.t().contiguous()                    # [in / g, out] fp16
+    if report:
+        log.debug("awq scale ratio / error vs RTN: %s", " ".join(report))
+    return out
+
+
+def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[str, torch.Tensor],
+                      group_size: int, method: str) -> None:
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.model_dir.iterdir():          # tokenizer, generation config, chat template ...
+        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in (
+                "config.json", "model.safetensors.index.json", "quant_config.json"):
+            shutil.copy2(f, out_dir / f.name)
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": None}
+    hf = dict(ckpt.hf_config, quantization_config=qc)
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
+    (out_dir / "quant_config.json").write_text(json.dumps(
+        {"w_bit": 4, "q_group_size": group_size, "zero_point": True, "version": "GEMM", "lmtriton_method": method},
+        indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt", "quantization": f"awq w4 g{group_size} ({method})"})
+
+
+def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int] = 128, calib=None,
+                   method: str = "awq", search_tokens: int = 8192, batch: int = 4, progress: bool = True) -> Path:
+    """Quantize an HF checkpoint into an HF-style AWQ checkpoint in out_dir.
+    calib: a work dir holding `lite calibrate` statistics; None calibrates first (64 x 512 wiki tokens) into
+    out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    t0 = time.time()
+    ckpt = LayerwiseCheckpoint(model_dir)
+    cfg, fam = ckpt.cfg, ckpt.family
+    group_size = check_quant_args(ckpt, w_bits, group_size)
+    out_dir = Path(out_dir)
+    stats, x = None, None
+    if method == "awq":
+        if calib is None:
+            calibrate(model_dir, out_dir, samples=64, seqlen=512, progress=progress)
+            calib = out_dir
+        stats = load_stats(calib, cfg.num_layers)
+        meta = stats["meta"]
+        n = min(meta["samples"], max(1, math.ceil(search_tokens / meta["seqlen"])))
+        x = ckpt.embed(calib_windows(model_dir, meta["calib_text"], n, meta["seqlen"], meta["seed"]))  # [n, S, H]
+    pre = f"{fam.layers}."
+    tensors = {n: ckpt.get(n) for n in ckpt.non_layer_names()}
+    dtype = tensors[f"{fam.embed}.weight"].dtype
+    with torch.inference_mode():
+        for i in tqdm(range(cfg.num_layers), desc=f"{method} g{group_size}", unit="layer", disable=not progress):
+            w = ckpt.layer(i)
+            sigmas = None
+            if x is not None:
+                sums: Dict[str, torch.Tensor] = {}
+
+                def observe(name, t):
+                    if name not in ("k", "v"):
+                        sums[name] = sums[name] + gram(t) if name in sums else gram(t)
+                x = layer_forward(w, cfg, fam, x, observe, batch)
+                tokens = x.shape[0] * x.shape[1]
+                sigmas = {k: v / tokens for k, v in sums.items()}
+            q = quantize_layer(w, fam, group_size, method, sigmas, stats["layers"][i] if stats else None)
+            for k, v in q.items():
+                tensors[f"{pre}{i}.{k}"] = v.to(dtype) if v.dtype == torch.float32 else v
+    _write_checkpoint(ckpt, out_dir, tensors, group_size, method)
+    log.info("%s g%d of %s -> %s in %.1fs", method, group_size, model_dir, out_dir, time.time() - t0)
+    return out_dir
+
+
+def quantize(model_dir, out_dir, group_size: Optional[int] = None, **kwargs) -> Path:
+    """What `lmtriton convert --quant awq` calls: AWQ with the largest group size the model allows."""
+    return quantize_model(model_dir, out_dir, group_size=group_size, **kwargs)
