@@ -45,6 +45,7 @@ class LlamaModel:
         self.logn_max_pos = cfg.max_position_embeddings if use_logn_attn else 0
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.kv_qparams = None    # [L, 2, Hk, 2] static KV (scale, zero), set by the model runner when configured
+        self.all_reduce = None    # tensor parallel: sums the row-parallel o / down partial outputs across ranks
 
     def rotary_freqs(self, meta: AttnMetadata) -> torch.Tensor:
         """[D/2], or [T, D/2] under dynamic NTK: a sequence longer than the training length gets a larger base."""
@@ -81,8 +82,12 @@ class LlamaModel:
                 write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
             o = paged_attention(q, cache, meta, self.scale)                          # [T, Hq, D]
             h = layer.o(o.reshape(t, cfg.q_size))
+            if self.all_reduce is not None:
+                h = self.all_reduce(h)
             x, residual = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps, residual)
             h = layer.down(silu_and_mul(layer.gate_up(x)))
+            if self.all_reduce is not None:
+                h = self.all_reduce(h)
         h, _ = rms_norm(h, self.norm, cfg.rms_norm_eps, residual)
         return h
 
