@@ -112,6 +112,13 @@ def test_completion_stream_and_not_equal_triton(oai, triton_server, triton_answe
     assert "".join(c.choices[0].text for c in stream) == ref.text
 
 
+def test_stop_string_ends_the_answer_and_is_not_in_it(oai, triton_server, triton_answer):
+    ref = triton_answer["completion"].text
+    stop = ref.split()[1]                               # the greedy answer's second word
+    r = oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=N, temperature=0, stop=[stop])
+    assert r.choices[0].text == ref[:ref.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
 def test_completion_logprobs_and_seed(oai, triton_server):
     r = oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1)
     lp = r.choices[0].logprobs
