@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import _cupy
+from . import _cupy, w4a16_gemm, w4a16_gemv
 from .w4a16_runtime import W4A16Runtime, repack, supports
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def w4a16_linear_ref(x: torch.Tensor, qweight, qzeros, scales, group_size: int, 
 def quantize_rtn(weight: torch.Tensor, group_size: int):
     """Round-to-nearest asymmetric int4. weight: [out, in] -> (qweight, qzeros, scales) in the canonical format.
 
-    Quantizes against the fp16-rounded scale that is stored, so |W - dequant| <= scale / 2 wherever the zero
-    point did not have to be clamped (and <= scale everywhere).
+    Each group's range includes 0, so the zero point never clamps; q is rounded against the fp16 scale that is
+    stored, so |W - dequant| <= scale / 2 up to that scale's rounding.
     """
     out_features, in_features = weight.shape
     if group_size not in SUPPORTED_GROUP_SIZES:
@@ -83,7 +83,8 @@ def quantize_rtn(weight: torch.Tensor, group_size: int):
 
 def random_awq_linear(in_features: int, out_features: int, group_size: int = 128, dtype=torch.float16,
                       device="cpu", bias: bool = False, std: float = 0.02, seed: int = 0):
-    """A Linear with random weights quantized RTN (benchmarks build W4A16 models of real shapes on the device)."""
+    """A Linear with random N(0, std) weights quantized RTN (benchmarks build W4A16 models of real shapes on the
+    device). Scales are fp16 as the canonical format says; `dtype` is the bias's."""
     from ..model.layers import Linear  # layers imports this module
     gen = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=gen, device=device, dtype=torch.float32) * std
@@ -126,7 +127,6 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
     rt = prepare(linear) if linear.runtime is None else linear.runtime
     if rt is None or rt is False:
         return F.linear(x, linear.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
-    from . import w4a16_gemm, w4a16_gemv
     x2 = x.reshape(-1, x.shape[-1])                                   # [T, in]
     if not x2.is_contiguous() or x2.data_ptr() % 16:   # the kernels read 16-byte pieces of each row
         x2 = x2.clone(memory_format=torch.contiguous_format)
