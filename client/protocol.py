@@ -6,7 +6,6 @@ request is built with exactly the dtype each input declares, and an input the mo
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -24,8 +23,6 @@ _NP_DTYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
     "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }
-OUTPUT_NAMES = ("text_output", "output_ids", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                "log_probs")
 
 
 class TritonError(RuntimeError):
@@ -184,6 +181,3 @@ class Generation:
         for d in deltas:
             gen.add(d)
         return gen
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -6,7 +6,6 @@ model's own template, read from the tokenizer directory that `make convert` writ
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -37,9 +36,6 @@ class ChatFormatter:
         """Each token's own text (for logprobs), decoded alone."""
         return [self.tokenizer.decode([int(t)]) for t in token_ids]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
 
 def check_messages(messages) -> None:
     """Raise ValueError naming the bad message field (the gateway turns it into a 400)."""
@@ -61,8 +57,3 @@ def content_text(content) -> Optional[str]:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
     return None
-
-
-@lru_cache(maxsize=4)
-def load_formatter(tokenizer_dir: str) -> ChatFormatter:
-    return ChatFormatter(tokenizer_dir)

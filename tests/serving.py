@@ -1,7 +1,8 @@
 """Test helper for the client tests: a small demo workspace and one real tritonserver per test module.
 
 Import the fixture into a test module (`from tests.serving import triton_server`); each module gets its own
-server (the OpenAI tests stop theirs on purpose). The converted workspace is shared with the serving tests (tests/serving_util.py).
+server (the OpenAI tests stop theirs on purpose). The converted workspace is shared with the serving tests
+(tests/serving_util.py).
 """
 from __future__ import annotations
 
