@@ -105,9 +105,11 @@ def main(argv=None) -> int:
     vocab = engine.model_cfg.vocab_size
     bm = engine.block_manager
     rows = []
-    for bs in sizes:
-        for _ in range(args.warmup):
+    for _ in range(args.warmup):     # every decode batch size, and a prefill of every prompt length (kernels, cuBLAS)
+        for bs in sizes:
             run_case(engine, random_prompts(rng, bs, 16, vocab), 4, ("warmup", bs))
+        for n_in in sorted({a for a, _ in lengths}):
+            run_case(engine, random_prompts(rng, 1, n_in, vocab), 2, ("warmup-prefill", n_in))
     cases = [(bs, a, b) for bs in sizes for a, b in lengths]
     bar = tqdm(total=sum(bs * b for bs, _, b in cases), desc="generation", unit="tok")
     for bs, n_in, n_out in cases:
