@@ -18,8 +18,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in BENCHES:
         usage = "usage: lmtriton bench {" + "|".join(BENCHES) + "} [ARGS]   (--help on each)\n" + "".join(
             f"  {k:<11}{v[1]}\n" for k, v in BENCHES.items())
-        (sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr).write(usage)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        if not argv or argv[0] in ("-h", "--help"):
+            sys.stdout.write(usage)
+            return 0
+        sys.stderr.write(f"lmtriton bench: unknown benchmark {argv[0]!r}\n{usage}")
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return int(importlib.import_module(BENCHES[argv[0]][0]).main(argv[1:]) or 0)
 

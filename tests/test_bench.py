@@ -38,6 +38,11 @@ def test_workload_is_seeded_and_clipped():
         bench_workload.load_lengths(0)
 
 
+def test_unknown_benchmark_is_named(capsys):
+    assert cli.main(["bench", "latency"]) == 2
+    assert "unknown benchmark 'latency'" in capsys.readouterr().err
+
+
 def test_lengths_argument_names_the_bad_item():
     assert bench_generation.parse_lengths("1:128,2048:16") == [(1, 128), (2048, 16)]
     with pytest.raises(ValueError, match="'128-512'"):
