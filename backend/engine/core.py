@@ -153,6 +153,7 @@ class EngineCore:
         self.close()
 
     def close(self) -> None:
+        self.engine.close()
         self.sock.close(linger=0)
         self.ctx.term()
         if self.addr.startswith("ipc://"):

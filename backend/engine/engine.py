@@ -43,7 +43,11 @@ class RequestOutput:
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_cfg: Optional[ModelConfig] = None, weights=None):
         self.config = config
-        self.runner = ModelRunner(config, model_cfg, weights)
+        if config.tp > 1:
+            from .tp import TPRunner     # rank 0 here, one worker process per extra rank
+            self.runner = TPRunner(config, model_cfg, weights)
+        else:
+            self.runner = ModelRunner(config, model_cfg, weights)
         self.model_cfg = self.runner.model_cfg
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache_block_seq_len,
                                           config.enable_prefix_caching)
@@ -56,6 +60,12 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.num_generated_tokens = 0
         self.num_prefill_tokens = 0
+
+    def close(self) -> None:
+        """Stop tensor-parallel worker processes (nothing to do at tp=1)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _check_fits(self, num_tokens: int, params: SamplingParams, what: str) -> None:
