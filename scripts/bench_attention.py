@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         for kv in ("auto", "int8", "int4"):
             res["decode"].append(bench_decode(shape, kv, bw))
     if not args.quick:
-        for part in (128, 512, 1024):
+        for part in (128, 256, 1024):
             res["decode"].append(bench_decode((32, 8, 128), "auto", bw, partition=part))
         res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=1, ctx=4096))
         res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=64, ctx=1024))

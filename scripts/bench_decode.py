@@ -74,8 +74,12 @@ def decode_speed(engine, batch: int, prompt_len: int, new: int, vocab: int, bw: 
     tok_s = batch * (new - 1) / (t_end - t_first)
     kv = engine.runner.kv_bytes_per_token * batch * (prompt_len + new / 2)    # mean KV read per step
     limit = batch * bw / (wbytes + kv)
-    return {"batch": batch, "prompt": prompt_len, "new": new, "tok_s": tok_s, "step_ms": 1e3 * batch / tok_s,
-            "limit_tok_s": limit, "frac_of_limit": tok_s / limit, "kv_bytes_per_step": kv}
+    res = {"batch": batch, "prompt": prompt_len, "new": new, "tok_s": tok_s, "step_ms": 1e3 * batch / tok_s,
+           "limit_tok_s": limit, "frac_of_limit": tok_s / limit, "kv_bytes_per_step": kv}
+    graphs = engine.runner.graphs
+    if graphs is not None and graphs.enabled and batch in graphs.graphs:   # GPU time of the step alone
+        res["graph_replay_ms"] = time_ms(graphs.graphs[batch].replay, iters=20)
+    return res
 
 
 def ttft(engine, prompt_len: int, vocab: int, params_count: int, cfg, tflops: float) -> dict:
@@ -110,6 +114,29 @@ def hf_decode(model, prompt_len: int, new: int, vocab: int, static: bool) -> dic
     return {"mode": "static" if static else "eager", "tok_s": (new - 1) / (total - first), "total_s": total}
 
 
+@torch.inference_mode()
+def profile_step(engine, prompt_len: int, vocab: int, top: int = 12) -> list:
+    """GPU time per kernel of one eager bs=1 decode step (no graph), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    engine.add_request("p", _prompt(prompt_len, 7, vocab), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()                                                      # prefill, first token
+    seq = engine.requests["p"]
+    engine.block_manager.allocate(seq, len(seq))
+    ids, meta, _ = engine.runner.prepare([(seq, 1)])
+    for _ in range(2):
+        engine.runner.model.forward(ids, meta, engine.runner.kv_cache)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.runner.model.forward(ids, meta, engine.runner.kv_cache)
+        torch.cuda.synchronize()
+    engine.abort("p")
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r[1])
+    for name, ms, n in rows[:top]:
+        log.info("%8.3f ms %5d x  %s", ms, n, name[:90])
+    return [{"kernel": k[:120], "ms": ms, "count": n} for k, ms, n in rows[:top]]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
@@ -118,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ttft-prompt", type=int, default=2048)
     ap.add_argument("--hf", default="both", choices=["none", "eager", "static", "both"])
+    ap.add_argument("--profile", action="store_true", help="also: GPU time per kernel of one eager decode step")
     ap.add_argument("--out", help="JSON results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -135,6 +163,8 @@ def main(argv=None) -> int:
            "engine": mut.describe(), "copy_bw_GBps": bw / 1e9, "matmul_tflops": tflops,
            "weight_bytes_per_step": wbytes, "kv_bytes_per_token": eng.runner.kv_bytes_per_token,
            "gpu_mem_allocated_GiB": torch.cuda.memory_allocated() / 2**30}
+    if args.profile:
+        res["profile_bs1"] = profile_step(eng, args.prompt, cfg.vocab_size)
     res["bs1"] = decode_speed(eng, 1, args.prompt, args.new, cfg.vocab_size, bw, wbytes)
     log.info("bs=1: %.1f tok/s = %.1f%% of the limit", res["bs1"]["tok_s"], 100 * res["bs1"]["frac_of_limit"])
     res[f"bs{args.batch}"] = decode_speed(eng, args.batch, args.prompt, args.new, cfg.vocab_size, bw, wbytes)

@@ -58,7 +58,7 @@ extern "C" __global__ void write_kv(const u16* __restrict__ k, const u16* __rest
         lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
         hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
     }
-    const float scale = fmaxf((hi - lo) / qmax, 1e-8f);
+    const float scale = fmaxf((hi - lo) * (1.f / qmax), 1e-8f);   // torch divides by a scalar this way
     unsigned c[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) c[i] = (unsigned)fminf(fmaxf(rintf((x[i] - lo) / scale), 0.f), qmax);

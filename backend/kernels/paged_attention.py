@@ -21,7 +21,7 @@ from . import _cupy
 from .kv_cache import KVLayer, dequantize_ref, gather_kv_ref
 from .paged_attention_cuda import DECODE_SOURCE
 
-PARTITION = 256          # tokens per split; fixed, so results do not depend on the batch or the grid bound
+PARTITION = 512          # tokens per split; fixed, so results do not depend on the batch or the grid bound
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 _LOG2E = 1.4426950408889634
 
