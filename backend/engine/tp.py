@@ -182,6 +182,9 @@ class TPRunner:
         self.model_cfg = model_cfg or ModelConfig.load(config.model)
         check_tp(self.model_cfg, config.tp)
         self.backend = check_devices(config)
+        if dist.is_initialized():
+            raise RuntimeError("a tensor-parallel engine already runs in this process (one per process: close() "
+                               "it first)")
         self.failure: Optional[str] = None
         self._closing = False
         port = _free_port()
@@ -268,17 +271,17 @@ class TPRunner:
                                if not p.is_alive() else f"tp worker rank {rank}: no {reply!r} after "
                                f"{START_TIMEOUT_S:.0f} s during {during}")
 
-    def _worker_failure(self, grace_s: float = 5.0) -> Optional[str]:
+    def _worker_failure(self, grace_s: float = 2.0) -> Optional[str]:
+        """After a failed step: the first worker's error or exit code, waiting briefly for it (None if healthy)."""
         for rank, (p, c) in enumerate(zip(self.procs, self.conns), start=1):
-            if c.poll(grace_s if not p.is_alive() else 0.05):
-                try:
-                    msg = c.recv()
-                except EOFError:
-                    msg = ("exit",)
-                if msg[0] == "error":
-                    self.failure = f"tp worker rank {rank} failed:\n{msg[1]}"
-                    return self.failure
-            p.join(0.5 if not p.is_alive() else 0)
+            try:
+                msg = c.recv() if c.poll(grace_s) else ("running",)
+            except (EOFError, OSError):
+                msg = ("exited",)
+            if msg[0] == "error":
+                self.failure = f"tp worker rank {rank} failed:\n{msg[1]}"
+                return self.failure
+            p.join(grace_s if msg[0] == "exited" else 0)
             if not p.is_alive():
                 self.failure = f"tp worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
                 return self.failure
@@ -286,10 +289,11 @@ class TPRunner:
 
     def _watch(self) -> None:
         """A worker that dies while rank 0 waits in an NCCL all-reduce would hang it: abort the group."""
-        wait([p.sentinel for p in self.procs])
+        ready = wait([p.sentinel for p in self.procs])
         if self._closing:
             return
-        dead = next(p for p in self.procs if not p.is_alive())
+        dead = next(p for p in self.procs if p.sentinel in ready)
+        dead.join(5)                    # the sentinel closes a moment before the exit code can be read
         self.failure = self.failure or f"tp worker {dead.name} (pid {dead.pid}) exited with code {dead.exitcode}"
         log.error("%s", self.failure)
         if self.backend == "nccl":

@@ -1,0 +1,180 @@
+"""Tensor parallelism: tp=2 over gloo on CPU equals tp=1 (tokens and logits), AWQ split math, errors, shutdown.
+
+The 2-GPU test (NCCL, CUDA graphs, a random Llama-3-8B-shape model) is marked gpu and needs two GPUs.
+"""
+import dataclasses
+import functools
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from backend.config import EngineConfig, SamplingParams
+from backend.engine.engine import LLMEngine
+from backend.kernels.w4a16 import quantize_rtn
+from backend.model.config import ModelConfig
+from backend.model.tp import check_tp, shard_config, shard_weights
+from backend.model.weights import load_weights
+from tests.tiny_models import make_hf
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]]
+AWQ_GROUP = 32
+
+
+def _generate(engine: LLMEngine, max_tokens: int = 10):
+    """Greedy tokens per prompt, and every logits row rank 0 computed (recorded around the real model)."""
+    logits, model = [], engine.runner.model
+    compute = model.logits
+    model.logits = lambda h: logits.append(compute(h)) or logits[-1]
+    try:
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(i, p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        out = {i: [] for i in range(len(PROMPTS))}
+        while engine.has_unfinished():
+            for o in engine.step():
+                out[o.request_id] += o.new_token_ids
+    finally:
+        model.logits = compute
+    return out, torch.cat(logits)
+
+
+def _engine(model_dir, tp: int) -> LLMEngine:
+    # block size 8: prompts span several blocks, so block tables travel to the workers
+    return LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", tp=tp, session_len=128,
+                                  max_batch_size=4, cache_max_entry_count=32, cache_block_seq_len=8))
+
+
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    # biases on q/k/v (column-parallel: sliced) and on o/down (row-parallel: added once, by rank 0)
+    d = tmp_path_factory.mktemp("tp_dense")
+    make_hf("llama", d, attention_bias=True, mlp_bias=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def awq_dir(tmp_path_factory, dense_dir):
+    """The engine layout of a W4A16 model (RTN int4, group 32) whose AWQ splits are aligned at tp=2."""
+    d = tmp_path_factory.mktemp("tp_awq")
+    src = tmp_path_factory.mktemp("tp_awq_src")
+    make_hf("llama", src, seed=1, intermediate_size=256)
+    cfg = ModelConfig.load(src)
+    w = load_weights(src, cfg)
+    for name in [n for n in w if n.endswith(("qkv.weight", "o.weight", "gate_up.weight", "down.weight"))]:
+        qweight, qzeros, scales = quantize_rtn(w.pop(name), AWQ_GROUP)
+        base = name[:-len("weight")]
+        w.update({base + "qweight": qweight, base + "qzeros": qzeros, base + "scales": scales})
+    save_file({k: v.contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
+    dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP}).save(d)
+    return d
+
+
+def _no_workers_left() -> bool:
+    return not any(p.name.startswith("lmtriton-tp") for p in multiprocessing.active_children())
+
+
+def test_tp2_equals_tp1_tokens_and_logits_and_close_stops_workers(dense_dir):
+    ref_tokens, ref_logits = _generate(_engine(dense_dir, 1))
+    engine = _engine(dense_dir, 2)
+    (worker,) = engine.runner.procs
+    try:
+        tokens, logits = _generate(engine)
+    finally:
+        engine.close()
+    assert tokens == ref_tokens
+    assert logits.shape == ref_logits.shape and logits.shape[1] == 320
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert worker.exitcode == 0 and _no_workers_left()
+
+
+def test_awq_tp2_equals_tp1(awq_dir):
+    ref_tokens, ref_logits = _generate(_engine(awq_dir, 1), max_tokens=6)
+    engine = _engine(awq_dir, 2)
+    try:
+        assert engine.runner.model.layers[0].qkv.qweight.shape == (64, (32 + 16 + 16) // 8)   # [in, out/8]
+        assert engine.runner.model.layers[0].down.scales.shape == (128 // AWQ_GROUP, 64)      # [in/g, out]
+        tokens, logits = _generate(engine, max_tokens=6)
+    finally:
+        engine.close()
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+
+
+def test_shards_sum_to_the_full_projection(dense_dir):
+    """Row-parallel o: the ranks' partial products (+ bias once) add up to the unsplit layer's output."""
+    cfg = ModelConfig.load(dense_dir)
+    full = load_weights(dense_dir, cfg)
+    shards = [shard_weights(full, cfg, r, 2) for r in range(2)]
+    x = torch.randn(3, cfg.q_size)
+    want = torch.nn.functional.linear(x, full["layers.0.o.weight"], full["layers.0.o.bias"])
+    xs = x.view(3, cfg.num_kv_heads, -1, cfg.head_dim)                    # [T, Hk, Hq/Hk, D]: rank r owns kv group r
+    got = sum(torch.nn.functional.linear(xs[:, r].reshape(3, -1), s["layers.0.o.weight"], s.get("layers.0.o.bias"))
+              for r, s in enumerate(shards))
+    torch.testing.assert_close(got, want)
+    assert "layers.0.o.bias" not in shards[1] and torch.equal(shards[1]["embed.weight"], full["embed.weight"])
+
+
+def test_tp_must_divide_heads(dense_dir):
+    with pytest.raises(ValueError, match=r"tp=3 must divide num_heads=4 and num_kv_heads=2"):
+        _engine(dense_dir, 3)
+    with pytest.raises(ValueError, match=r"tp=4 must divide num_heads=4 and num_kv_heads=2"):
+        shard_config(ModelConfig.load(dense_dir), 0, 4)
+    assert _no_workers_left()
+
+
+def test_awq_split_must_align(dense_dir):
+    cfg = dataclasses.replace(ModelConfig.load(dense_dir), quant={"method": "awq", "bits": 4, "group_size": 32})
+    with pytest.raises(ValueError, match=r"AWQ row split: down_proj in \(intermediate_size\)=160 / tp=2 = 80 is "
+                                         r"not a multiple of group_size=32"):
+        check_tp(cfg, 2)
+    aligned = dataclasses.replace(cfg, intermediate_size=256)
+    check_tp(aligned, 2)
+    with pytest.raises(ValueError, match=r"AWQ column split: kv heads x head_dim=16 / tp=4 = 4 is not a multiple of 8"):
+        check_tp(dataclasses.replace(aligned, num_heads=8, num_kv_heads=4, head_dim=4), 4)
+
+
+def test_tp_needs_a_weight_source_workers_can_reach(dense_dir):
+    cfg = ModelConfig.load(dense_dir)
+    with pytest.raises(ValueError, match="not a dict"):
+        LLMEngine(EngineConfig(device="cpu", tp=2), model_cfg=cfg, weights=load_weights(dense_dir, cfg))
+
+
+def test_worker_crash_is_a_clear_error_and_close_leaves_no_process(dense_dir):
+    engine = _engine(dense_dir, 2)
+    (worker,) = engine.runner.procs
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=2, temperature=0.0))
+        with pytest.raises(RuntimeError, match=r"tp worker .*exited with code -9"):
+            for _ in range(3):
+                engine.step()
+    finally:
+        engine.close()
+    engine.close()                    # twice is fine
+    assert worker.exitcode == -9 and _no_workers_left()
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_equals_tp1_llama3_8b_shape():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from backend.model.weights import random_weights
+    from scripts.bench_common import SHAPES
+    cfg = dataclasses.replace(SHAPES["llama3-8b"], num_layers=int(os.environ.get("TP_TEST_LAYERS", "8")))
+    factory = functools.partial(random_weights, cfg, torch.float16, "cuda", 0)
+    kw = dict(device="cuda", dtype="float16", session_len=256, max_batch_size=8, cache_max_entry_count=64,
+              cache_block_seq_len=64)
+    outs = {}
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(tp=tp, **kw), model_cfg=cfg, weights=factory() if tp == 1 else factory)
+        outs[tp], _ = _generate(engine, max_tokens=16)
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    assert outs[2] == outs[1]
+    with pytest.raises(ValueError, match=r"tp=\d+ exceeds the \d+ visible GPU"):
+        LLMEngine(EngineConfig(tp=torch.cuda.device_count() * 2, **kw), model_cfg=cfg, weights=factory)
