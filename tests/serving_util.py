@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import re
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -119,7 +120,16 @@ def http_generate_stream(url: str, model: str = "llm", **body) -> Result:
     req = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     res = Result()
-    with urllib.request.urlopen(req, timeout=600) as r:
+    try:
+        r = urllib.request.urlopen(req, timeout=600)
+    except urllib.error.HTTPError as e:      # an error before the first event comes as a plain JSON answer
+        body = e.read().decode(errors="replace")
+        try:
+            res.error = json.loads(body).get("error", body)
+        except ValueError:
+            res.error = f"HTTP {e.code}: {body}"
+        return res
+    with r:
         for line in r:
             line = line.decode().strip()
             if not line.startswith("data:"):
