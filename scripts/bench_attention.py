@@ -59,7 +59,7 @@ def _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers):
     return cache, tables, lens, q, 2 * batch * ctx * hk * per_head
 
 
-def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=pa.PARTITION):
+def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0):
     hq, hk, d = shape
     layers = 4                                   # rotate layers so that L2 never holds the cache
     cache, tables, lens, q, nbytes = _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers)
@@ -71,6 +71,8 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=pa.PA
         pa.paged_decode(q, layer, tables, lens, ctx, 1 / math.sqrt(d), partition)
     ms = time_ms(step, iters=40)
     del cache
+    if partition <= 0:
+        partition = pa.SMALL_PARTITION if batch * hq // pa.rep_tile(hq // hk) < pa.SMALL_GRID else pa.PARTITION
     return {"shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
             "partition": partition, "ms": ms, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
 
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         for kv in ("auto", "int8", "int4"):
             res["decode"].append(bench_decode(shape, kv, bw))
     if not args.quick:
-        for part in (128, 256, 1024):
+        for part in (128, 256, 1024):   # fixed partitions against the default
             res["decode"].append(bench_decode((32, 8, 128), "auto", bw, partition=part))
         res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=1, ctx=4096))
         res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=64, ctx=1024))

@@ -150,7 +150,11 @@ class ModelRunner:
         if not rows:
             return results
         seqs = [batch[i][0] for i in rows]
-        logits = self.model.logits(hidden[[last[i] for i in rows]])                       # [B, V] float32
+        picked = [last[i] for i in rows]
+        if picked == list(range(hidden.shape[0])):      # decode: every row samples; no gather (no H2D index copy)
+            logits = self.model.logits(hidden)                                            # [B, V] float32
+        else:
+            logits = self.model.logits(hidden[picked])
         sb = build_sampling_batch(seqs, self.device, self.eos_ids, logits.shape[1])
         tokens, logprobs = sample(logits, sb)
         tokens = tokens.tolist()

@@ -21,7 +21,9 @@ from . import _cupy
 from .kv_cache import KVLayer, dequantize_ref, gather_kv_ref
 from .paged_attention_cuda import DECODE_SOURCE
 
-PARTITION = 512          # tokens per split; fixed, so results do not depend on the batch or the grid bound
+PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs=1): never depends on the
+SMALL_PARTITION = 128    # context bound, so a CUDA graph's static bound gives the eager path's exact result
+SMALL_GRID = 256         # CTAs per split below which the small partition is used
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 _LOG2E = 1.4426950408889634
 
@@ -66,11 +68,13 @@ def rep_tile(rep: int) -> int:
 
 
 def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 max_context_len: int, scale: float, partition: int = PARTITION) -> torch.Tensor:
+                 max_context_len: int, scale: float, partition: int = 0) -> torch.Tensor:
     """q: [B, Hq, D] one token per sequence -> [B, Hq, D]. Reads only device tensors (CUDA-graph safe)."""
     b, hq, d = q.shape
     hk = layer.k.shape[1]
     tile = rep_tile(hq // hk)
+    if partition <= 0:
+        partition = SMALL_PARTITION if b * (hq // tile) < SMALL_GRID else PARTITION
     nsplit = max(1, -(-max_context_len // partition))
     out = torch.empty_like(q)
     if b == 0:

@@ -20,11 +20,13 @@ extern "C" __global__ void rms_norm(const u16* __restrict__ x, const u16* __rest
     const long long base = (long long)blockIdx.x * hidden;
     const int nvec = hidden / 8;
     float h[MAX_VEC][8];
+    uint4 wraw[MAX_VEC];          // the weight is loaded up front, so its latency hides behind the reduction
     float ss = 0.f;
 #pragma unroll
     for (int v = 0; v < MAX_VEC; ++v) {
         int c = (threadIdx.x + v * blockDim.x) * 8;
         if (c < nvec * 8) {
+            wraw[v] = *reinterpret_cast<const uint4*>(w + c);
             unpack8(*reinterpret_cast<const uint4*>(x + base + c), h[v]);
             if (has_res) {
                 float r[8];
@@ -51,7 +53,7 @@ extern "C" __global__ void rms_norm(const u16* __restrict__ x, const u16* __rest
         int c = (threadIdx.x + v * blockDim.x) * 8;
         if (c < nvec * 8) {
             float wf[8], o[8];
-            unpack8(*reinterpret_cast<const uint4*>(w + c), wf);
+            unpack8(wraw[v], wf);
 #pragma unroll
             for (int j = 0; j < 8; ++j) o[j] = h[v][j] * scale * wf[j];
             *reinterpret_cast<uint4*>(out + base + c) = pack8(o);

@@ -14,25 +14,27 @@ import torch
 from . import _cupy
 
 _SOURCE = _cupy.PRELUDE + r"""
-// One block per token; a thread rotates pairs (j, j + D/2) of q heads, then of k heads.
+// Grid (T, head groups of heads_per_block); block of D/2 threads: thread j computes sin/cos of frequency j once
+// and rotates the pair (j, j + D/2) of each head in its group (q heads first, then k heads).
 // q, k rows may be strided views of the fused qkv output (row strides q_stride, k_stride in elements).
 extern "C" __global__ void rotary(const u16* __restrict__ q, const u16* __restrict__ k, long long q_stride,
                                   long long k_stride, const int* __restrict__ positions,
                                   const float* __restrict__ inv_freq, int inv_stride, u16* __restrict__ q_out,
-                                  u16* __restrict__ k_out, int hq, int hk, int head_dim, int logn_max_pos) {
-    const int t = blockIdx.x, half = head_dim / 2;
+                                  u16* __restrict__ k_out, int hq, int hk, int head_dim, int logn_max_pos,
+                                  int heads_per_block) {
+    const int t = blockIdx.x, half = head_dim / 2, j = threadIdx.x;
+    if (j >= half) return;
     const float pos = (float)positions[t];
     float qscale = 1.f;
     if (logn_max_pos > 0 && pos + 1.f > (float)logn_max_pos) qscale = logf(pos + 1.f) / logf((float)logn_max_pos);
-    const float* inv = inv_freq + (long long)t * inv_stride;
-    for (int p = threadIdx.x; p < (hq + hk) * half; p += blockDim.x) {
-        const int head = p / half, j = p - head * half;
+    float s, c;
+    sincosf(pos * inv_freq[(long long)t * inv_stride + j], &s, &c);
+    const int h_end = min((int)(blockIdx.y + 1) * heads_per_block, hq + hk);
+    for (int head = blockIdx.y * heads_per_block; head < h_end; ++head) {
         const bool is_q = head < hq;
         const u16* src = is_q ? q + t * q_stride + head * head_dim : k + t * k_stride + (head - hq) * head_dim;
         u16* dst = is_q ? q_out + ((long long)t * hq + head) * head_dim
                         : k_out + ((long long)t * hk + head - hq) * head_dim;
-        float s, c;
-        sincosf(pos * inv[j], &s, &c);
         const float x1 = LOADF(src[j]), x2 = LOADF(src[j + half]);
         float o1 = x1 * c - x2 * s, o2 = x2 * c + x1 * s;
         if (is_q) { o1 *= qscale; o2 *= qscale; }
@@ -82,8 +84,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: 
     if t:
         kernel = _cupy.get_kernel(_SOURCE, "rotary", _cupy.dtype_options(q.dtype))
         inv_stride = d // 2 if inv_freq.dim() == 2 else 0
-        _cupy.launch(kernel, (t,), (min(256, max(32, (hq + hk) * d // 2)),),
+        hpb = 8
+        _cupy.launch(kernel, (t, -(-(hq + hk) // hpb)), (max(32, d // 2),),
                      (_cupy.ptr(q), _cupy.ptr(k), np.int64(q.stride(0)), np.int64(k.stride(0)), positions,
                       inv_freq, np.int32(inv_stride), q_out, k_out, np.int32(hq), np.int32(hk), np.int32(d),
-                      np.int32(logn_max_pos)))
+                      np.int32(logn_max_pos), np.int32(hpb)))
     return q_out, k_out
