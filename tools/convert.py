@@ -19,6 +19,7 @@ import torch
 
 from backend.config import EngineConfig
 from backend.model.config import ModelConfig
+from backend.model.tp import check_tp
 from backend.model.weights import iter_hf_weights
 from tools.fill_template import fill_file
 
@@ -141,7 +142,7 @@ def convert(model: str, workspace, name: str = "llm", dtype: Optional[str] = Non
     EngineConfig.from_dict({k: v for k, v in engine.items()     # validate now, not when the server loads
                             if k not in ("engine_python", "engine_start_timeout")})
     cfg = ModelConfig.load(src)
-    cfg.validate_tp(tp)
+    check_tp(cfg, tp)      # heads, and AWQ packing / group alignment of every rank's slice
     write_weights(src, workspace / "weights", cfg, dtype)
     write_tokenizer(src, workspace / "tokenizer")
     repo = write_repository(workspace, name, engine, frontend, triton)

@@ -35,6 +35,8 @@ _NOT_ENGINE = {"tokenizer_dir", "default_max_tokens", "cancel_check_interval", "
 def _engine_config(params: dict, model_dir: str) -> dict:
     """config.pbtxt string parameters -> EngineConfig fields of the right types (validated by EngineConfig)."""
     defaults = EngineConfig()
+    if "tensor_para_size" in params:     # TurboMind's name for tp
+        params = {**{k: v for k, v in params.items() if k != "tensor_para_size"}, "tp": params["tensor_para_size"]}
     out = {"model": os.path.normpath(os.path.join(model_dir, params["weights_dir"]))}
     for f in dataclasses.fields(EngineConfig):
         if f.name not in params or f.name == "model":
