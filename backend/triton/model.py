@@ -10,7 +10,6 @@ inputs, for HTTP users) and the sequence-batched one (sessions through Triton's 
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -19,47 +18,14 @@ import uuid
 
 import triton_python_backend_utils as pb_utils
 
-from ..config import EngineConfig
 from ..engine.detokenizer import IncrementalDetokenizer
 from .engine_client import EngineClient, engine_address, start_engine
 from .metrics import Metrics
-from .params import InputError, parse_request
+from .params import InputError, engine_config_from_parameters, parse_request
 from .streams import Stream, StreamSet
 from .tokenizer import TextTokenizer
 
 _FLAG_START, _FLAG_END = 1, 2        # TRITONSERVER_REQUEST_FLAG_SEQUENCE_START / _END
-_NOT_ENGINE = {"tokenizer_dir", "default_max_tokens", "cancel_check_interval", "weights_dir", "engine_python",
-               "engine_start_timeout", "engine_model"}
-
-
-def _engine_config(params: dict, model_dir: str) -> dict:
-    """config.pbtxt string parameters -> EngineConfig fields of the right types (validated by EngineConfig)."""
-    defaults = EngineConfig()
-    if "tensor_para_size" in params:     # TurboMind's name for tp
-        params = {**{k: v for k, v in params.items() if k != "tensor_para_size"}, "tp": params["tensor_para_size"]}
-    out = {"model": os.path.normpath(os.path.join(model_dir, params["weights_dir"]))}
-    for f in dataclasses.fields(EngineConfig):
-        if f.name not in params or f.name == "model":
-            continue
-        raw, default = params[f.name], getattr(defaults, f.name)
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                out[f.name] = raw.lower() in ("true", "1")
-            elif default is None:
-                out[f.name] = int(raw) if raw else None
-            else:
-                out[f.name] = type(default)(raw)
-        except ValueError:
-            raise ValueError(f"config.pbtxt parameter {f.name}={raw!r} is not a valid {type(default).__name__}")
-    unknown = sorted(set(params) - set(out) - _NOT_ENGINE)
-    if unknown:
-        raise ValueError(f"config.pbtxt has unknown parameters {unknown}")
-    EngineConfig.from_dict(out)
-    return out
-
-
 class TritonPythonModel:
     def initialize(self, args):
         self.log = pb_utils.Logger
@@ -83,7 +49,7 @@ class TritonPythonModel:
         if self.sequence_batching:                  # the stateless model starts the engine; register lazily
             self.client.send(["hello"])
         else:
-            engine_cfg = _engine_config(params, model_dir)
+            engine_cfg = engine_config_from_parameters(params, model_dir)
             engine_cfg["tokenizer_dir"] = os.path.normpath(os.path.join(model_dir, params["tokenizer_dir"]))
             self.streams.engine_proc = start_engine(
                 self.client, addr[len("ipc://"):] + ".lock", engine_cfg, params.get("engine_python", ""),

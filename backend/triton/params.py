@@ -5,12 +5,14 @@ each input's data type against config.pbtxt; here we check shapes, ranges and UT
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import numpy as np
 
-from ..config import SamplingParams
+from ..config import EngineConfig, SamplingParams
 
 Getter = Callable[[str], Optional[np.ndarray]]
 
@@ -126,3 +128,35 @@ def parse_request(get: Getter, default_max_tokens: int, session_id: Optional[int
         text=text, input_ids=ids, params=params, stream=bool(_scalar(get, "stream", bool)),
         exclude_input_in_output=bool(_scalar(get, "exclude_input_in_output", bool)),
         session_id=session_id, session_start=session_start, session_end=session_end, stop=stop)
+
+
+_NOT_ENGINE = {"tokenizer_dir", "default_max_tokens", "cancel_check_interval", "weights_dir", "engine_python",
+               "engine_start_timeout", "engine_model"}
+
+
+def engine_config_from_parameters(params: dict, model_dir: str) -> dict:
+    """config.pbtxt string parameters -> EngineConfig fields of the right types (validated by EngineConfig)."""
+    defaults = EngineConfig()
+    if "tensor_para_size" in params:     # TurboMind's name for tp
+        params = {**{k: v for k, v in params.items() if k != "tensor_para_size"}, "tp": params["tensor_para_size"]}
+    out = {"model": os.path.normpath(os.path.join(model_dir, params["weights_dir"]))}
+    for f in dataclasses.fields(EngineConfig):
+        if f.name not in params or f.name == "model":
+            continue
+        raw, default = params[f.name], getattr(defaults, f.name)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                out[f.name] = raw.lower() in ("true", "1")
+            elif default is None:
+                out[f.name] = int(raw) if raw else None
+            else:
+                out[f.name] = type(default)(raw)
+        except ValueError:
+            raise ValueError(f"config.pbtxt parameter {f.name}={raw!r} is not a valid {type(default).__name__}")
+    unknown = sorted(set(params) - set(out) - _NOT_ENGINE)
+    if unknown:
+        raise ValueError(f"config.pbtxt has unknown parameters {unknown}")
+    EngineConfig.from_dict(out)
+    return out
