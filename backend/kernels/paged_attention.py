@@ -23,7 +23,7 @@ from .paged_attention_cuda import DECODE_SOURCE
 
 PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs=1): never depends on the
 SMALL_PARTITION = 128    # context bound, so a CUDA graph's static bound gives the eager path's exact result
-SMALL_GRID = 256         # CTAs per split below which the small partition is used
+SMALL_GRID = 64          # CTAs per split below which the small partition is used (bs=1; measured, docs)
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 _LOG2E = 1.4426950408889634
 
