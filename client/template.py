@@ -33,8 +33,8 @@ class ChatFormatter:
                                                   add_generation_prompt=add_generation_prompt)
 
     def token_texts(self, token_ids: Sequence[int]) -> List[str]:
-        """Each token's own text (for logprobs), decoded alone."""
-        return [self.tokenizer.decode([int(t)]) for t in token_ids]
+        """Each token's own text (for logprobs), decoded alone; special tokens (the final EOS) are ""."""
+        return [self.tokenizer.decode([int(t)], skip_special_tokens=True) for t in token_ids]
 
 
 def check_messages(messages) -> None:

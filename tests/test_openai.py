@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -89,6 +90,19 @@ def test_chat_equals_triton_and_counts_usage(oai, triton_server, triton_answer):
     assert r.usage.prompt_tokens == ref.prompt_tokens > 10          # the chat template's system prompt too
     assert r.usage.completion_tokens == ref.completion_tokens == len(ref.token_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_concurrent_chats_and_chat_logprobs(oai, triton_server, triton_answer):
+    def ask(_):
+        return oai.chat.completions.create(model=triton_server.model, messages=MESSAGES, max_tokens=N,
+                                           temperature=0, logprobs=True)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    for r in answers:                                   # one gRPC channel, four concurrent Triton streams
+        assert r.choices[0].message.content == triton_answer["chat"].text
+        content = r.choices[0].logprobs.content
+        assert len(content) == r.usage.completion_tokens and all(t.logprob <= 0 for t in content)
+        assert "".join(t.token for t in content) == r.choices[0].message.content
 
 
 def test_chat_stream_equals_non_stream(oai, triton_server, triton_answer):
