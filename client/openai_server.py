@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Optional
@@ -217,7 +218,11 @@ def main(argv=None, prog: str = "lmtriton serve openai") -> int:
     import uvicorn
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    gw = Gateway(args.triton, args.model, args.tokenizer, args.served_model_name, args.api_key)
+    try:
+        gw = Gateway(args.triton, args.model, args.tokenizer, args.served_model_name, args.api_key)
+    except (FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"{prog}: {e}\n")
+        return 2
     logger.info("OpenAI API on http://%s:%d/v1 (web chat at http://%s:%d/) -> tritonserver %s model %s",
                 args.host, args.port, args.host, args.port, args.triton, args.model)
     uvicorn.run(create_app(gw), host=args.host, port=args.port, log_level=args.log_level)
