@@ -59,7 +59,7 @@ def check_quant_args(ckpt: LayerwiseCheckpoint, w_bits: int, group_size: Optiona
 
 def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, method: str,
                    sigmas: Optional[Dict[str, torch.Tensor]] = None, stats: Optional[dict] = None,
-                   ) -> Dict[str, torch.Tensor]:
+                   n_grid: int = 20) -> Dict[str, torch.Tensor]:
     """One decoder layer, HF suffix -> float32 tensor. sigmas: input name -> E[x x^T] [C, C] (awq only);
     stats: that layer's calibration statistics (awq only). -> HF suffixes of the quantized layer."""
     w = dict(w)
@@ -72,7 +72,7 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
             prev = w[g.prev + ".weight"]
             if prev.shape[0] != ws[0].shape[1]:
                 continue                     # e.g. v -> o under GQA: v's outputs are not o's inputs one to one
-            s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size)
+            s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size, n_grid)
             report.append(f"{g.inp}:{ratio:.2f}/{rel:.2f}")
             if g.prev in fam.norms:
                 w[g.prev + ".weight"] = prev / s
@@ -88,7 +88,7 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
         weight = w[lin + ".weight"]
         clip = None
         if method == "awq" and lin not in fam.no_clip:
-            clip = search_clip(weight, sig[inp_of[lin]], group_size)
+            clip = search_clip(weight, sig[inp_of[lin]], group_size, n_grid)
         codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
         out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
         out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
@@ -118,7 +118,8 @@ def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[st
 
 
 def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int] = 128, calib=None,
-                   method: str = "awq", search_tokens: int = 8192, batch: int = 4, progress: bool = True) -> Path:
+                   method: str = "awq", search_tokens: int = 8192, batch: int = 4, progress: bool = True,
+                   n_grid: int = 20) -> Path:
     """Quantize an HF checkpoint into an HF-style AWQ checkpoint in out_dir.
     calib: a work dir holding `lite calibrate` statistics; None calibrates first (64 x 512 wiki tokens) into
     out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits."""
@@ -154,7 +155,7 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
                 x = layer_forward(w, cfg, fam, x, observe, batch)
                 tokens = x.shape[0] * x.shape[1]
                 sigmas = {k: v / tokens for k, v in sums.items()}
-            q = quantize_layer(w, fam, group_size, method, sigmas, stats["layers"][i] if stats else None)
+            q = quantize_layer(w, fam, group_size, method, sigmas, stats["layers"][i] if stats else None, n_grid)
             for k, v in q.items():
                 tensors[f"{pre}{i}.{k}"] = v.to(dtype) if v.dtype == torch.float32 else v
     _write_checkpoint(ckpt, out_dir, tensors, group_size, method)
