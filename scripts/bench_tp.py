@@ -37,7 +37,7 @@ log = logging.getLogger("bench_tp")
 
 LLAMA2_70B = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                                  intermediate_size=28672)
-MODELS = {"llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"], "llama2-70b": LLAMA2_70B}
+MODELS = {"tiny": SHAPES["tiny"], "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"], "llama2-70b": LLAMA2_70B}
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab: int) -> Dict[str, float]:
@@ -48,14 +48,16 @@ def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab
     return {"batch": batch, "tok_s": tok_s, "step_ms": 1e3 * batch / tok_s}
 
 
-def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches: List[int], new: int) -> List[dict]:
+def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches: List[int], new: int,
+                device: str = "cuda") -> List[dict]:
     cfg = dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if awq else None)
     make = random_awq_weights if awq else random_weights
     rows = []
     for tp in tps:
-        config = EngineConfig(device="cuda", dtype="float16", tp=tp, session_len=512, max_batch_size=max(batches),
-                              cache_max_entry_count=0.5)
-        factory = functools.partial(make, cfg, torch.float16, "cuda", 0)
+        dtype = torch.float16 if device == "cuda" else torch.float32
+        config = EngineConfig(device=device, dtype=str(dtype).split(".")[1], tp=tp, session_len=512,
+                              max_batch_size=max(batches), cache_max_entry_count=0.5)
+        factory = functools.partial(make, cfg, dtype, device, 0)
         t0 = time.perf_counter()
         engine = LLMEngine(config, model_cfg=cfg, weights=factory() if tp == 1 else factory)
         load_s = time.perf_counter() - t0
@@ -68,7 +70,8 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
         finally:
             engine.close()
             del engine
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -201,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--new", type=int, default=64, help="decode steps timed per batch")
     ap.add_argument("--ipc-only", action="store_true")
+    ap.add_argument("--cpu", action="store_true", help="CPU smoke run (gloo, no all-reduce timing): --models tiny")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     batches = [int(b) for b in args.batches.split(",")]
@@ -210,14 +214,15 @@ def main(argv=None) -> int:
     doc["ipc"] = ipc_cost()
     log.info("hand-off: %s", doc["ipc"])
     if not args.ipc_only:
-        tps = [1, 2] if torch.cuda.device_count() >= 2 else [1]
+        device = "cpu" if args.cpu else "cuda"
+        tps = [1, 2] if args.cpu or torch.cuda.device_count() >= 2 else [1]
         for name in filter(None, args.models.split(",")):
-            doc["decode"] += bench_model(name, MODELS[name], False, tps, batches, args.new)
-            if 2 in tps:
+            doc["decode"] += bench_model(name, MODELS[name], False, tps, batches, args.new, device)
+            if 2 in tps and device == "cuda":
                 doc["allreduce"] += allreduce_per_step(2, MODELS[name], batches)
         if args.awq_shape:
-            doc["decode"] += bench_model(args.awq_shape, MODELS[args.awq_shape], True, tps, batches, args.new)
-            if 2 in tps:
+            doc["decode"] += bench_model(args.awq_shape, MODELS[args.awq_shape], True, tps, batches, args.new, device)
+            if 2 in tps and device == "cuda":
                 doc["allreduce"] += allreduce_per_step(2, MODELS[args.awq_shape], batches)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=2)

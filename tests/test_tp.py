@@ -42,10 +42,11 @@ def _generate(engine: LLMEngine, max_tokens: int = 10):
     return out, torch.cat(logits)
 
 
-def _engine(model_dir, tp: int) -> LLMEngine:
+def _engine(model_dir, tp: int, kv: str = "auto") -> LLMEngine:
     # block size 8: prompts span several blocks, so block tables travel to the workers
     return LLMEngine(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", tp=tp, session_len=128,
-                                  max_batch_size=4, cache_max_entry_count=32, cache_block_seq_len=8))
+                                  max_batch_size=4, cache_max_entry_count=32, cache_block_seq_len=8,
+                                  kv_cache_dtype=kv))
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +92,10 @@ def test_tp2_equals_tp1_tokens_and_logits_and_close_stops_workers(dense_dir):
     assert worker.exitcode == 0 and _no_workers_left()
 
 
-def test_awq_tp2_equals_tp1(awq_dir):
-    ref_tokens, ref_logits = _generate(_engine(awq_dir, 1), max_tokens=6)
-    engine = _engine(awq_dir, 2)
+def test_awq_with_int8_kv_tp2_equals_tp1(awq_dir):
+    """W4A16 slices and a quantized KV cache (per-head scales: each rank quantizes its own heads, same codes)."""
+    ref_tokens, ref_logits = _generate(_engine(awq_dir, 1, "int8"), max_tokens=6)
+    engine = _engine(awq_dir, 2, "int8")
     try:
         assert engine.runner.model.layers[0].qkv.qweight.shape == (64, (32 + 16 + 16) // 8)   # [in, out/8]
         assert engine.runner.model.layers[0].down.scales.shape == (128 // AWQ_GROUP, 64)      # [in/g, out]
@@ -156,6 +158,25 @@ def test_worker_crash_is_a_clear_error_and_close_leaves_no_process(dense_dir):
         engine.close()
     engine.close()                    # twice is fine
     assert worker.exitcode == -9 and _no_workers_left()
+
+
+def _weights_broken_on_workers(cfg):
+    """A weights factory whose read fails on every rank but 0 (called inside each rank)."""
+    import torch.distributed as dist
+    if dist.get_rank() > 0:
+        raise OSError("shard file unreadable (test)")
+    from backend.model.weights import random_weights
+    return random_weights(cfg, torch.float32, "cpu")
+
+
+def test_worker_error_at_load_is_raised_on_rank0(dense_dir):
+    cfg = ModelConfig.load(dense_dir)
+    with pytest.raises(RuntimeError, match=r"(?s)tp worker rank 1 failed during loading its shard:.*OSError: shard "
+                                           r"file unreadable \(test\)"):
+        LLMEngine(EngineConfig(device="cpu", tp=2, cache_max_entry_count=16), model_cfg=cfg,
+                  weights=functools.partial(_weights_broken_on_workers, cfg))
+    assert _no_workers_left()
+    assert not torch.distributed.is_initialized()     # released: the next tp engine can start
 
 
 @pytest.mark.gpu

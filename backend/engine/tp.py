@@ -204,6 +204,9 @@ class TPRunner:
             self._expect("ready", "start-up")
             _init_group(self.backend, port, 0, config.tp)
             self.runner = _build_rank(config, self.model_cfg, weights, 0, None)
+            if self.runner.num_blocks < 2:     # workers get the count as cache_max_entry_count, where 1 is a fraction
+                raise ValueError(f"tp={config.tp}: only {self.runner.num_blocks} KV block fits; raise "
+                                 f"cache_max_entry_count")
             self._send(("build", self.runner.num_blocks))
             self._expect("built", "loading its shard")
             if self.runner.device.type == "cuda" and config.use_cuda_graph:
