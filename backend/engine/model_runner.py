@@ -51,6 +51,13 @@ def _mem_available_bytes() -> int:
     return 4 << 30
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that changes the logits first (no penalty, no min_tokens ban, no logprobs)."""
+    p = seq.params
+    return (p.is_greedy and p.repetition_penalty == 1.0 and not p.logprobs
+            and len(seq.output_ids) >= p.min_tokens)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_cfg: Optional[ModelConfig] = None, weights=None):
         self.config = config
@@ -155,8 +162,11 @@ class ModelRunner:
             logits = self.model.logits(hidden)                                            # [B, V] float32
         else:
             logits = self.model.logits(hidden[picked])
-        sb = build_sampling_batch(seqs, self.device, self.eos_ids, logits.shape[1])
-        tokens, logprobs = sample(logits, sb)
+        if all(_plain_greedy(s) for s in seqs):     # what sample() reduces to here, without its 7 small H2D copies
+            tokens, logprobs = logits.argmax(-1), None
+        else:
+            sb = build_sampling_batch(seqs, self.device, self.eos_ids, logits.shape[1])
+            tokens, logprobs = sample(logits, sb)
         tokens = tokens.tolist()
         logprobs = logprobs.tolist() if logprobs is not None else [None] * len(rows)
         for i, t, lp in zip(rows, tokens, logprobs):
