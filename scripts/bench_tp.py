@@ -37,7 +37,8 @@ log = logging.getLogger("bench_tp")
 
 LLAMA2_70B = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                                  intermediate_size=28672)
-MODELS = {"tiny": SHAPES["tiny"], "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"], "llama2-70b": LLAMA2_70B}
+MODELS = {"tiny": SHAPES["tiny"], "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"],
+          "llama2-70b": LLAMA2_70B}
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab: int) -> Dict[str, float]:
@@ -177,7 +178,8 @@ def ipc_cost(batch: int = 64, ctx_len: int = 512, n: int = 300) -> dict:
 def markdown(doc: dict) -> str:
     lines = [f"Machine: {doc['device']}. Command: `{doc['command']}`.", ""]
     if doc.get("decode"):
-        lines += ["| model | tp | batch | decode tok/s | step ms | CUDA graphs |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| model | tp | batch | decode tok/s | step ms | CUDA graphs |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['tp']} | {r['batch']} | {r['tok_s']:.0f} | {r['step_ms']:.2f} | "
                   f"{r['cuda_graph']} |" for r in doc["decode"]]
         lines.append("")
@@ -212,26 +214,27 @@ def main(argv=None) -> int:
            "device": torch.cuda.get_device_name() + f" x{torch.cuda.device_count()}" if torch.cuda.is_available()
            else "CPU", "decode": [], "allreduce": []}
     doc["ipc"] = ipc_cost()
-    log.info("hand-off: %s", doc["ipc"])
+    save(doc, args.out)
     if not args.ipc_only:
         device = "cpu" if args.cpu else "cuda"
         tps = [1, 2] if args.cpu or torch.cuda.device_count() >= 2 else [1]
-        for name in filter(None, args.models.split(",")):
-            doc["decode"] += bench_model(name, MODELS[name], False, tps, batches, args.new, device)
+        runs = [(name, False) for name in filter(None, args.models.split(","))]
+        runs += [(args.awq_shape, True)] if args.awq_shape else []
+        for name, awq in runs:          # saved after each part: a run cut short still reports what it measured
             if 2 in tps and device == "cuda":
                 doc["allreduce"] += allreduce_per_step(2, MODELS[name], batches)
-        if args.awq_shape:
-            doc["decode"] += bench_model(args.awq_shape, MODELS[args.awq_shape], True, tps, batches, args.new, device)
-            if 2 in tps and device == "cuda":
-                doc["allreduce"] += allreduce_per_step(2, MODELS[args.awq_shape], batches)
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=2)
-    md = markdown(doc)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(md + "\n")
-    log.info("\n%s", md)
+                save(doc, args.out)
+            doc["decode"] += bench_model(name, MODELS[name], awq, tps, batches, args.new, device)
+            save(doc, args.out)
+    log.info("\n%s", markdown(doc))
     return 0
 
+
+def save(doc: dict, out: str) -> None:
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(markdown(doc) + "\n")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,7 +7,6 @@ import functools
 import multiprocessing
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
