@@ -118,11 +118,12 @@ def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[st
 
 
 def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int] = 128, calib=None,
-                   method: str = "awq", search_tokens: int = 8192, batch: int = 4, progress: bool = True,
+                   method: str = "awq", search_tokens: int = 4096, batch: int = 4, progress: bool = True,
                    n_grid: int = 20) -> Path:
     """Quantize an HF checkpoint into an HF-style AWQ checkpoint in out_dir.
-    calib: a work dir holding `lite calibrate` statistics; None calibrates first (64 x 512 wiki tokens) into
-    out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits."""
+    calib: a work dir holding `lite calibrate` statistics; None calibrates first (32 x 512 wiki tokens) into
+    out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits.
+    n_grid: points of the scale and clip grids (fewer: faster, slightly less accurate)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     t0 = time.time()
@@ -133,7 +134,7 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
     stats, x = None, None
     if method == "awq":
         if calib is None:
-            calibrate(model_dir, out_dir, samples=64, seqlen=512, progress=progress)
+            calibrate(model_dir, out_dir, samples=32, seqlen=512, progress=progress)
             calib = out_dir
         stats = load_stats(calib, cfg.num_layers)
         meta = stats["meta"]

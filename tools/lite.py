@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--w-bits", type=int, default=4)
     a.add_argument("--w-group-size", type=int, default=128)
     a.add_argument("--method", default="awq", choices=["awq", "rtn"], help="rtn: round-to-nearest, no search")
-    a.add_argument("--search-tokens", type=int, default=8192, help="calibration tokens the searches look at")
+    a.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens the searches look at")
     a.add_argument("--calib-dir", default=None, help="where `calibrate` wrote its statistics (default: --work-dir)")
     a.add_argument("--work-dir", required=True, help="output: the quantized checkpoint")
     k = sub.add_parser("kv_qparams", help="static per-head KV scales from calibration statistics")
