@@ -213,3 +213,20 @@ def _logits_row(logits, outs, i, j):
     """The logits row of prompt i's j-th token: prefill rows come in prompt order, then one row per prompt a step."""
     n = len(outs)
     return logits[i] if j == 0 else logits[n + (j - 1) * n + i]
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_served_tp3_through_tritonserver_equals_in_process_tp1(demo_llm, tmp_path):
+    """`lmtriton convert --tp 3` (SmolLM2: 9 heads, 3 KV heads) served by the real tritonserver: the engine
+    process starts two gloo workers; greedy text equals the in-process tp=1 engine."""
+    from scripts.launch_triton_server import TritonServer
+    from tests.serving_util import PARAMS, http_generate_stream
+    from tools.convert import convert
+    prompt = "The capital of France is"
+    want = demo_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].text
+    repo = convert("demo", tmp_path / "ws", "llm", tp=3, params=dict(PARAMS, instance_count="1"))
+    assert 'key: "tp" value: { string_value: "3" }' in (repo / "llm" / "config.pbtxt").read_text()
+    with TritonServer(repo, 0, 0, 0, log_file=tmp_path / "tritonserver.log") as server:
+        res = http_generate_stream(server.http_url, text_input=prompt, max_tokens=12, temperature=0.0)
+    assert res.error is None and res.text == want
