@@ -64,7 +64,7 @@ def test_three_turn_grpc_session_equals_stateless_full_history(served, tokenizer
 
     run_conversation(tokenizer, send_turn, send_stateless)
     again = grpc_stream(served.grpc_url, model="llm_session", text_input="Hi", max_tokens=2, sequence_id=77,
-                        sequence_start=True)       # END released it; START opens a fresh one
+                        sequence_start=True, sequence_end=True)   # END released it; START opens a fresh one
     assert again.error is None and again.cached_tokens == 0
 
 
