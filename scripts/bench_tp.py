@@ -11,6 +11,7 @@ over a multiprocessing pipe (what the engine uses) vs a gloo broadcast of a pack
 from __future__ import annotations
 
 import argparse
+import gc
 import dataclasses
 import functools
 import json
@@ -50,14 +51,14 @@ def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab
 
 
 def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches: List[int], new: int,
-                device: str = "cuda") -> List[dict]:
+                device: str = "cuda", graphs: bool = True) -> List[dict]:
     cfg = dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if awq else None)
     make = random_awq_weights if awq else random_weights
     rows = []
     for tp in tps:
         dtype = torch.float16 if device == "cuda" else torch.float32
         config = EngineConfig(device=device, dtype=str(dtype).split(".")[1], tp=tp, session_len=512,
-                              max_batch_size=max(batches), cache_max_entry_count=0.5)
+                              max_batch_size=max(batches), cache_max_entry_count=0.5, use_cuda_graph=graphs)
         factory = functools.partial(make, cfg, dtype, device, 0)
         t0 = time.perf_counter()
         engine = LLMEngine(config, model_cfg=cfg, weights=factory() if tp == 1 else factory)
@@ -71,6 +72,7 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
         finally:
             engine.close()
             del engine
+            gc.collect()              # the runner and its CUDA graphs reference each other
             if device == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -206,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--new", type=int, default=64, help="decode steps timed per batch")
     ap.add_argument("--ipc-only", action="store_true")
+    ap.add_argument("--no-cuda-graph", action="store_true")
     ap.add_argument("--cpu", action="store_true", help="CPU smoke run (gloo, no all-reduce timing): --models tiny")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -224,7 +227,8 @@ def main(argv=None) -> int:
             if 2 in tps and device == "cuda":
                 doc["allreduce"] += allreduce_per_step(2, MODELS[name], batches)
                 save(doc, args.out)
-            doc["decode"] += bench_model(name, MODELS[name], awq, tps, batches, args.new, device)
+            doc["decode"] += bench_model(name, MODELS[name], awq, tps, batches, args.new, device,
+                                         not args.no_cuda_graph)
             save(doc, args.out)
     log.info("\n%s", markdown(doc))
     return 0

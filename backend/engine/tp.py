@@ -150,7 +150,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shutdown(procs, conns) -> None:
+def _shutdown(procs, conns, state: dict) -> None:
+    state["closing"] = True
     for c in conns:
         try:
             c.send(("stop",))
@@ -186,7 +187,7 @@ class TPRunner:
             raise RuntimeError("a tensor-parallel engine already runs in this process (one per process: close() "
                                "it first)")
         self.failure: Optional[str] = None
-        self._closing = False
+        self._state = {"closing": False}      # shared with the finalizer, which also runs at interpreter exit
         port = _free_port()
         ctx = mp.get_context("spawn")
         self.procs, self.conns = [], []
@@ -199,7 +200,7 @@ class TPRunner:
             child.close()
             self.procs.append(p)
             self.conns.append(parent)
-        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns)
+        self._finalizer = weakref.finalize(self, _shutdown, self.procs, self.conns, self._state)
         try:
             self._expect("ready", "start-up")
             _init_group(self.backend, port, 0, config.tp)
@@ -293,7 +294,7 @@ class TPRunner:
     def _watch(self) -> None:
         """A worker that dies while rank 0 waits in an NCCL all-reduce would hang it: abort the group."""
         ready = wait([p.sentinel for p in self.procs])
-        if self._closing:
+        if self._state["closing"]:
             return
         dead = next(p for p in self.procs if p.sentinel in ready)
         dead.join(5)                    # the sentinel closes a moment before the exit code can be read
@@ -309,5 +310,4 @@ class TPRunner:
 
     def close(self) -> None:
         """Stop the workers and leave the process group; safe to call twice."""
-        self._closing = True
         self._finalizer()
