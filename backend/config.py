@@ -35,7 +35,7 @@ class EngineConfig:
     quant_policy: Optional[int] = None   # LMDeploy alias: 0 | 8 | 4 (overrides kv_cache_dtype when given)
     rope_scaling_factor: float = 0.0     # > 0 turns on dynamic NTK scaling by this factor
     use_logn_attn: bool = False          # scale q by log(pos)/log(train_len) past the training length
-    tp: int = 1                          # tensor parallel size (placeholder until TP lands)
+    tp: int = 1                          # tensor parallel ranks (worker processes; GPUs on CUDA): backend/engine/tp.py
     use_cuda_graph: bool = True          # GPU only: capture decode steps for batch-size buckets
     session_ttl: float = 3600.0          # seconds an idle session keeps its KV before it is released
     seed: int = 0                        # default seed for requests that give none
