@@ -35,6 +35,7 @@ def test_parse_request_values_and_defaults():
     assert (req.text, req.params.max_tokens, req.params.temperature, req.stream) == ("héllo", 7, 0.0, True)
     assert req.stop == ["\n", "END"] and req.session_id is None
     assert parse_request(getter(text_input="x"), default_max_tokens=99).params.max_tokens == 99
+    assert parse_request(getter(text_input="x", min_length=3), default_max_tokens=9).params.min_tokens == 3
 
 
 @pytest.mark.parametrize("values,message", [

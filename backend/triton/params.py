@@ -16,11 +16,12 @@ from ..config import EngineConfig, SamplingParams
 
 Getter = Callable[[str], Optional[np.ndarray]]
 
-# input name -> (SamplingParams field, python type)
+# input name -> (SamplingParams field, python type); min_length is tensorrtllm_backend's name (genai-perf sends it)
 _SCALARS = {
     "max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_p": ("top_p", float),
     "top_k": ("top_k", int), "min_p": ("min_p", float), "repetition_penalty": ("repetition_penalty", float),
-    "seed": ("seed", int), "min_tokens": ("min_tokens", int), "ignore_eos": ("ignore_eos", bool),
+    "seed": ("seed", int), "min_length": ("min_tokens", int), "min_tokens": ("min_tokens", int),
+    "ignore_eos": ("ignore_eos", bool),
     "return_log_probs": ("logprobs", bool),
 }
 
