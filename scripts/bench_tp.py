@@ -114,7 +114,7 @@ def allreduce_per_step(tp: int, cfg: ModelConfig, batches: List[int]) -> List[di
              for r in range(tp)]
     for p in procs:
         p.start()
-    out = queue.get(timeout=300)
+    out = queue.get(timeout=120)
     for p in procs:
         p.join(60)
     return [{"tp": tp, "batch": bs, "hidden": cfg.hidden_size, "allreduces": 2 * cfg.num_layers, "ms_per_step": ms}
