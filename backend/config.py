@@ -20,6 +20,15 @@ def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=Fals
         raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value}")
 
 
+def _from_dict(cls, d: dict, what: str):
+    """Build a parameter dataclass, refusing keys it does not have (a typo must not pass silently)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} parameters {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass
 class EngineConfig:
     model: str = ""                      # directory with config.json + weights (HF or converted workspace/weights)
@@ -76,11 +85,7 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown engine parameters {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return _from_dict(cls, d, "engine")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,11 +141,7 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingParams":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown sampling parameters {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return _from_dict(cls, d, "sampling")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
