@@ -18,7 +18,7 @@ from tests.serving import metric_value, triton_server  # noqa: F401  (module-sco
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
-N = 12
+N = 8
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
@@ -134,12 +134,12 @@ def test_stop_string_ends_the_answer_and_is_not_in_it(oai, triton_server, triton
 
 
 def test_completion_logprobs_and_seed(oai, triton_server):
-    r = oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1)
+    r = oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=1)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
     assert "".join(lp.tokens) == r.choices[0].text
     assert all(x <= 0.0 for x in lp.token_logprobs)
-    a, b = (oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=8, temperature=1.0,
+    a, b = (oai.completions.create(model=triton_server.model, prompt=PROMPT, max_tokens=4, temperature=1.0,
                                    seed=1234).choices[0].text for _ in range(2))
     assert a == b
 

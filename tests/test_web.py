@@ -54,7 +54,7 @@ def test_page_streams_an_answer_and_starts_a_new_chat(gateway, page, triton_serv
     page.goto(gateway + "/")
     page.wait_for_function(f"document.getElementById('model').textContent.includes('{triton_server.model}')")
     page.fill("#temperature", "0")
-    page.fill("#max_tokens", "24")
+    page.fill("#max_tokens", "12")
     page.fill("#input", "What is the capital of France?")
     page.evaluate(WATCH_ANSWER)                                  # watch before the question is sent
     page.press("#input", "Enter")
@@ -70,8 +70,9 @@ def test_page_streams_an_answer_and_starts_a_new_chat(gateway, page, triton_serv
 
     page.click("#new_chat")
     assert page.query_selector_all(".msg") == []
+    page.fill("#max_tokens", "4")
     page.fill("#input", "Say hi")
     page.press("#input", "Enter")
-    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=60_000)
+    page.wait_for_selector(".msg.assistant[data-state=done]", timeout=120_000)
     assert page.inner_text(".msg.assistant").strip()
     assert len(page.query_selector_all(".msg.user")) == 1        # the new chat holds only its own turn
