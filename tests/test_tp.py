@@ -113,7 +113,7 @@ def test_shards_sum_to_the_full_projection(dense_dir):
     shards = [shard_weights(full, cfg, r, 2) for r in range(2)]
     x = torch.randn(3, cfg.q_size)
     want = torch.nn.functional.linear(x, full["layers.0.o.weight"], full["layers.0.o.bias"])
-    xs = x.view(3, cfg.num_kv_heads, -1, cfg.head_dim)                    # [T, Hk, Hq/Hk, D]: rank r owns kv group r
+    xs = x.view(3, 2, -1)                                   # [T, tp, Hq/tp * D]: rank r owns the r-th run of q heads
     got = sum(torch.nn.functional.linear(xs[:, r].reshape(3, -1), s["layers.0.o.weight"], s.get("layers.0.o.bias"))
               for r, s in enumerate(shards))
     torch.testing.assert_close(got, want)
