@@ -4,6 +4,8 @@ Per request (labelled with the frontend model): time to first token and inter-to
 generated tokens. Engine-wide (labelled with the engine's model): running and waiting requests, KV blocks in use
 and in total, idle sessions, prefix cache hits. Each metric call crosses into the Triton process, so samples are
 buffered and flushed from the I/O thread at most every FLUSH_S seconds, off the response path.
+Deleting the Metric / MetricFamily objects explicitly in finalize crashed the 2.51 stub at unload (heap
+corruption, signal 6); they are left to the stub's own teardown.
 """
 from __future__ import annotations
 

@@ -113,4 +113,6 @@ class TritonPythonModel:
                 proc.wait(timeout=2)
             except Exception:   # noqa: BLE001 - other frontends still use it: it outlives this instance
                 pass
+        with self.streams.lock:       # nothing may touch a response sender once the stub tears down
+            self.streams.streams.clear()
         self.metrics.flush(force=True)
