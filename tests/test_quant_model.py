@@ -12,6 +12,7 @@ from backend.model.config import ModelConfig
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
            "Question: what is 2 plus 2? Answer:"]
 MAX_TOKENS = 8
+pytestmark = pytest.mark.slow       # quantizes all 30 layers: the fixture took 466 s here at load average ~11
 
 
 @pytest.fixture(scope="module")
