@@ -58,8 +58,10 @@ openai: install
 demo: install
 	$(VPY) -m tools.cli demo --workspace $(WORKSPACE)
 
+# one BLAS/OpenMP thread a process: the suite runs tritonserver, engine processes and pytest side by side on
+# 2 cores, and OpenMP workers spinning against each other made CPU matmuls 5x slower than one thread each
 test: install deps-browser
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VPY) -m pytest -q $(PYTEST_ARGS)
 
 # the web-page test drives Debian's chromium through playwright (a browser build is never downloaded)
 deps-browser:
