@@ -130,17 +130,20 @@ def convert(model: str, workspace, name: str = "llm", dtype: Optional[str] = Non
         raise SystemExit(f"--dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     if quant not in (None, "", "awq"):
         raise SystemExit(f"--quant must be awq, got {quant!r}")
-    if quant == "awq":
-        src = quantize_awq(src, workspace)
     engine = {**ENGINE_DEFAULTS, "tp": tp, "kv_cache_dtype": kv or "auto", "dtype": dtype or "auto"}
     frontend, triton = dict(FRONTEND_DEFAULTS), dict(TRITON_DEFAULTS)
     for k, v in (params or {}).items():
         target = next((d for d in (engine, frontend, triton) if k in d), None)
         if target is None:
             raise SystemExit(f"--param {k}: unknown; known: {sorted({**engine, **frontend, **triton})}")
-        target[k] = type(target[k])(v) if not isinstance(target[k], bool) else v.lower() in ("1", "true", "yes")
+        try:
+            target[k] = (str(v).lower() in ("1", "true", "yes")) if isinstance(target[k], bool) else type(target[k])(v)
+        except ValueError:
+            raise SystemExit(f"--param {k}={v!r}: expected a {type(target[k]).__name__}") from None
     EngineConfig.from_dict({k: v for k, v in engine.items()     # validate now, not when the server loads
                             if k not in ("engine_python", "engine_start_timeout")})
+    if quant == "awq":      # after every argument is validated: quantizing takes minutes
+        src = quantize_awq(src, workspace)
     cfg = ModelConfig.load(src)
     check_tp(cfg, tp)      # heads, and AWQ packing / group alignment of every rank's slice
     write_weights(src, workspace / "weights", cfg, dtype)
