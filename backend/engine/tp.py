@@ -131,23 +131,33 @@ def _worker_main(rank: int, config: EngineConfig, model_cfg: ModelConfig, weight
                 conn.send(("captured",))
             elif msg[0] == "stop":
                 break
-    except EOFError:        # the engine process is gone
-        pass
+    except EOFError:        # the engine process is gone: no peer to tear NCCL down with
+        os._exit(0)
     except BaseException:
         try:
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass
-        raise SystemExit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        os._exit(1)
+    _leave_group()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _leave_group(timeout_s: float = 15.0) -> bool:
+    """destroy_process_group, bounded: NCCL's teardown waits for the peers, which may be gone."""
+    if not dist.is_initialized():
+        return True
+    t = threading.Thread(target=dist.destroy_process_group, name="lmtriton-tp-destroy", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        log.warning("tensor parallel: leaving the process group did not finish in %.0f s", timeout_s)
+    return not t.is_alive()
 
 
 def _shutdown(procs, conns, state: dict) -> None:
@@ -157,6 +167,7 @@ def _shutdown(procs, conns, state: dict) -> None:
             c.send(("stop",))
         except (OSError, ValueError):
             pass
+    _leave_group()          # at the same time as the workers: NCCL's teardown is collective
     for p in procs:
         p.join(10)
         if p.is_alive():
@@ -165,9 +176,6 @@ def _shutdown(procs, conns, state: dict) -> None:
             p.join(5)
     for c in conns:
         c.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 
 class TPRunner:
     """ModelRunner's interface (run, num_blocks, eos_ids, ...) over tp ranks. close() stops the workers."""
