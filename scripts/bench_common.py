@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import time
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -142,3 +143,21 @@ def default_tag(mut: ModelUnderTest) -> str:
     """File-name tag of a run: model, weight format, KV dtype, e.g. llama2-7b-awq_kvint8."""
     kv = mut.engine.config.kv_cache_dtype
     return mut.name.replace("/", "_") + ("" if kv == "auto" else f"_kv{kv}")
+
+
+def step_and_record(engine, arrivals, outputs) -> Tuple[List[Tuple[int, float]], int]:
+    """One engine step; each request id is (tag, index): appends each new token and its arrival time. Returns
+    ([(index, time) of requests that finished], number of new tokens). A failed request aborts the benchmark."""
+    step = engine.step()
+    now = time.perf_counter()
+    finished, num_new = [], 0
+    for o in step:
+        if o.error:
+            raise RuntimeError(f"request {o.request_id} failed: {o.error}")
+        i = o.request_id[1]
+        arrivals[i].extend([now] * len(o.new_token_ids))
+        outputs[i].extend(o.new_token_ids)
+        num_new += len(o.new_token_ids)
+        if o.finished:
+            finished.append((i, now))
+    return finished, num_new

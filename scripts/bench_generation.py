@@ -58,16 +58,9 @@ def run_case(engine, prompts: List[List[int]], n_out: int, tag: str, bar: Option
     for i, p in enumerate(prompts):
         engine.add_request((tag, i), p, params)
     while engine.has_unfinished():
-        step = engine.step()
-        now = time.perf_counter()
-        for o in step:
-            if o.error:
-                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
-            i = o.request_id[1]
-            arrivals[i].extend([now] * len(o.new_token_ids))
-            outputs[i].extend(o.new_token_ids)
-            if bar is not None:
-                bar.update(len(o.new_token_ids))
+        _, num_new = bench_common.step_and_record(engine, arrivals, outputs)
+        if bar is not None:
+            bar.update(num_new)
     elapsed = time.perf_counter() - t0
     ttft = [a[0] - t0 for a in arrivals.values()]
     gaps = [(b - a) * 1e3 for arr in arrivals.values() for a, b in zip(arr, arr[1:])]

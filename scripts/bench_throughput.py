@@ -63,19 +63,11 @@ def run_workload(engine, prompts: List[List[int]], outs: List[int], concurrency:
                                                                     temperature=0.0))
             starts[i] = time.perf_counter()
             in_flight += 1
-        step = engine.step()
-        now = time.perf_counter()
-        for o in step:
-            if o.error:
-                raise RuntimeError(f"request {o.request_id} failed: {o.error}")
-            i = o.request_id[1]
-            arrivals[i].extend([now] * len(o.new_token_ids))
-            outputs[i].extend(o.new_token_ids)
-            if o.finished:
-                ends[i] = now
-                in_flight -= 1
-                if bar is not None:
-                    bar.update(1)
+        for i, now in bench_common.step_and_record(engine, arrivals, outputs)[0]:
+            ends[i] = now
+            in_flight -= 1
+            if bar is not None:
+                bar.update(1)
     elapsed = time.perf_counter() - t0
     row = latency_stats(starts, arrivals, ends, elapsed, sum(map(len, prompts)), sum(map(len, outputs)))
     row["_outputs"] = outputs
