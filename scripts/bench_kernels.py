@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from backend.kernels import w4a16
 from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm
-from backend.kernels.w4a16_gemv import GemvConfig, default_config, gemv
+from backend.kernels import w4a16_decode
+from backend.kernels.w4a16_decode import DecodeConfig
+from backend.kernels.w4a16_gemv import gemv
 
 log = logging.getLogger(__name__)
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (in, out): qkv/o-like, gate/up, down
@@ -116,20 +118,20 @@ def over(pool, call):
     return fn
 
 
-def sweep_configs(mt: int):
-    return [GemvConfig(mt=mt, nt=nt, ks=ks, stages=stages, contig=contig)
-            for nt in (1, 2, 4) for ks in (4, 8, 16) for stages in (2, 3, 4) for contig in (False, True)]
+def sweep_configs():
+    """Block configurations of the decode GEMV (w4a16_decode.DecodeConfig)."""
+    return [DecodeConfig(nt=nt, ks=ks, u=u) for nt in (1, 2) for ks in (4, 8, 16) for u in (1, 2, 4, 8)]
 
 
 def profile_one(spec: str) -> None:
-    """K,N,M[,nt,ks,stages,contig]: run one GEMV 20 times (for `ncu -k regex:w4a16_gemv`)."""
+    """K,N,M[,nt,ks,u]: run the decode GEMV 20 times (for `ncu -k regex:w4a16_decode`)."""
     K, N, M, *rest = (int(v) for v in spec.split(","))
     lin = w4a16.random_awq_linear(K, N, 128, device="cuda")
     rt = w4a16.prepare(lin)
-    cfg = GemvConfig(1, *rest[:3], bool(rest[3])) if rest else None
+    cfg = DecodeConfig(*rest[:3]) if rest else None
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     for _ in range(20):
-        gemv(x, rt, None, cfg)
+        w4a16_decode.gemv(x, rt, None, cfg)
     torch.cuda.synchronize()
 
 
@@ -142,16 +144,19 @@ def bench_gemv(bw, groups, tokens, sweep):
             for M in tokens:
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 total = nbytes + M * K * 2
-                ms = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
+                ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
+                ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
-                cfg = default_config(M, N, K, group, 0)
+                cfg = w4a16_decode.default_config(N, K, group, 0)
                 rows.append(dict(K=K, N=N, group=group, M=M, config=cfg.__dict__, us=ms * 1e3,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
+                                 ring_us=ms_ring * 1e3, ring_frac_copy_bw=total / (ms_ring / 1e3) / bw,
                                  fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
                 log.info("gemv %s", rows[-1])
                 if sweep and group == 128 and M in sweep:
-                    for cfg in sweep_configs(cfg.mt):
-                        ms_c = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime, None, cfg)), len(pool))
+                    for cfg in sweep_configs():
+                        ms_c = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, cfg)),
+                                        len(pool))
                         sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
                                            frac_copy_bw=total / (ms_c / 1e3) / bw))
                         log.info("sweep %s", sweeps[-1])
@@ -192,16 +197,17 @@ def markdown(res) -> str:
     out = [f"Machine: {res['device']}; copy bandwidth {bw:.0f} GB/s (bytes read + written, best of torch copy_ "
            f"and an elementwise kernel). {res['date']}.",
            f"Command: `{res['command']}`", "",
-           "GEMV (fp16 activations): time, achieved bandwidth and share of copy bandwidth; fp16 cuBLAS on the "
-           "same shape.",
-           "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | fp16 cuBLAS us | speed-up |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "GEMV (fp16 activations): the decode kernel (w4a16_decode, what the dispatch runs at <= 8 tokens): time, "
+           "achieved bandwidth, share of copy bandwidth; the ring GEMV (w4a16_gemv) and fp16 cuBLAS on the same shape.",
+           "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | ring GEMV us (% BW) | fp16 cuBLAS us | speed-up |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["gemv"]:
         out.append(f"| {r['K']}x{r['N']} | {r['group']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                   f"{100 * r['frac_copy_bw']:.0f}% | {r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
+                   f"{100 * r['frac_copy_bw']:.0f}% | {r['ring_us']:.1f} ({100 * r['ring_frac_copy_bw']:.0f}%) | "
+                   f"{r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
     if res.get("gemv_sweep"):
-        out += ["", "GEMV block configurations (group 128, fp16): the best of the sweep per shape and M.", "",
-                "| K x N | M | best (mt, nt, ks, stages, contig) | us | % copy BW | configs tried |",
+        out += ["", "Decode GEMV block configurations (group 128, fp16): the best of the sweep per shape and M.", "",
+                "| K x N | M | best (nt, ks, u) | us | % copy BW | configs tried |",
                 "| --- | --- | --- | --- | --- | --- |"]
         keys = sorted({(r["K"], r["N"], r["M"]) for r in res["gemv_sweep"]})
         for K, N, M in keys:
@@ -209,7 +215,7 @@ def markdown(res) -> str:
             if rs:
                 b = min(rs, key=lambda r: r["us"])
                 c = b["config"]
-                out.append(f"| {K}x{N} | {M} | ({c['mt']}, {c['nt']}, {c['ks']}, {c['stages']}, {int(c['contig'])}) | "
+                out.append(f"| {K}x{N} | {M} | ({c['nt']}, {c['ks']}, {c['u']}) | "
                            f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
     out += ["", "GEMM paths (group 128, fp16), TFLOP/s; `w4a16_linear` dispatches to the fastest W4A16 path per M.",
             "GEMM columns name the block tile (tokens x channels).", "",
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="group 128 only, fewer token counts")
     p.add_argument("--gemv-only", action="store_true", help="skip the GEMM comparison")
     p.add_argument("--gemm-tokens", default="", help="token counts of the GEMM comparison (default: 1..4096)")
-    p.add_argument("--profile", default="", help="K,N,M[,nt,ks,stages,contig]: run one GEMV for ncu and exit")
+    p.add_argument("--profile", default="", help="K,N,M[,nt,ks,u]: run the decode GEMV for ncu and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():

@@ -175,7 +175,7 @@ def _ref(x, lin):
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("K,N", SHAPES)
 def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
-    from backend.kernels import w4a16_gemm, w4a16_gemv
+    from backend.kernels import w4a16_decode, w4a16_gemm, w4a16_gemv
     K = 640 if K % group else K
     lin = gpu_linears(K, N, group)
     rt = w4a16.prepare(lin)
@@ -186,6 +186,8 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
         _check(w4a16.w4a16_linear(x, lin), ref, dtype)                 # the dispatch
         if M <= 64:
             _check(w4a16_gemv.gemv(x, rt, bias), ref, dtype)
+        if M <= 8:
+            _check(w4a16_decode.gemv(x, rt, bias), ref, dtype)
         _check(w4a16_gemm.gemm(x, rt, bias), ref, dtype)
     _check(w4a16_gemm.dequant_matmul(x, rt, bias), ref, dtype)
 
@@ -203,6 +205,29 @@ def test_gemv_configs_agree(gpu_linears, cfg):
         _check(gemv(x, rt, lin.bias.half(), GemvConfig(mt=mt, nt=nt, ks=ks, stages=stages, contig=bool(contig))),
                _ref(x, lin),
                torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("cfg", [(1, 1, 1), (1, 2, 2), (2, 4, 4), (1, 16, 4), (4, 8, 1), (2, 16, 2), (1, 3, 8)])
+def test_decode_gemv_configs_agree(gpu_linears, cfg, group):
+    # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
+    from backend.kernels.w4a16_decode import DecodeConfig, gemv
+    nt, ks, u = cfg
+    lin = gpu_linears(1280 if group == 128 else 1216, 1728, group)
+    rt = w4a16.prepare(lin)
+    for M in (1, 3, 8):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
+            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u)), _ref(x, lin), dtype)
+
+
+@pytest.mark.gpu
+def test_decode_gemv_refuses_more_than_8_tokens(gpu_linears):
+    from backend.kernels.w4a16_decode import gemv
+    lin = gpu_linears(576, 1728, 64)
+    with pytest.raises(ValueError, match="1..8 tokens, got 9"):
+        gemv(torch.randn(9, 576, device="cuda", dtype=torch.float16), w4a16.prepare(lin))
 
 
 @pytest.mark.gpu

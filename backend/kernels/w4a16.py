@@ -13,7 +13,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import _cupy, w4a16_gemm, w4a16_gemv
+from . import _cupy, w4a16_decode, w4a16_gemm, w4a16_gemv
 from .w4a16_runtime import W4A16Runtime, repack, supports
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,11 @@ def prepare(linear) -> W4A16Runtime:
 
 
 # Token counts where each CUDA path wins, measured by scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
-# the GEMV up to 64 tokens on the Llama-7B shapes; from 128 on, dequantize + cuBLAS beats the mma.sync GEMM at
+# the register-streaming decode GEMV up to 8 tokens (DECODE_MAX_TOKENS = 0 selects the ring GEMV there), the
+# ring GEMV up to 64 tokens on the Llama-7B shapes; from 128 on, dequantize + cuBLAS beats the mma.sync GEMM at
 # every M (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the GEMM's range (GEMV_MAX_TOKENS,
 # GEMM_MAX_TOKENS] is empty here. It stays selectable for GPUs where it measures faster.
+DECODE_MAX_TOKENS = w4a16_decode.MAX_TOKENS
 GEMV_MAX_TOKENS = 64
 GEMM_MAX_TOKENS = 64
 
@@ -134,6 +136,8 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
     T = x2.shape[0]
     if T == 0:
         y = x2.new_empty(0, rt.out_features)
+    elif T <= DECODE_MAX_TOKENS:
+        y = w4a16_decode.gemv(x2, rt, b)
     elif T <= GEMV_MAX_TOKENS:
         y = w4a16_gemv.gemv(x2, rt, b)
     elif T <= GEMM_MAX_TOKENS:

@@ -1,0 +1,210 @@
+"""W4A16 GEMV for decode (1-8 tokens): weights streamed global -> registers, no shared-memory ring.
+
+Same runtime layout and the same mma.sync m16n8k16 dot products as `w4a16_gemv` (docs in w4a16_runtime.py), with a
+leaner data path and less arithmetic per weight, because at 1-8 tokens the kernel is bound by instruction issue
+(ncu on the ring kernel: ~160 instructions a lane per 512-byte chunk, 28-41% of copy bandwidth on an H200):
+- each lane loads its 16 bytes of a chunk with one non-caching vector load straight into registers, U chunks at
+  a time (U * 16 bytes in flight per lane); activations come from L1 (every weight tile re-reads the same x);
+- the mma multiplies (q - z), exact small integers in fp16/bf16, by x; the per-channel scale is applied to the
+  fp32 partial sum once per group (4 FMAs a lane), not to every weight: 3 instructions a packed word fewer,
+  and no fp16 rounding of the dequantized weight (the reference rounds it: differences are within that rounding).
+A block owns NT n-tiles of 16 output channels; its KS warps split the k-chunks of 64 into contiguous ranges that
+start on a group boundary, and meet in shared memory at the end.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _cupy
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
+
+MAX_TOKENS = 8   # one 8-token mma tile
+
+_SOURCE = DEVICE_HELPERS + r"""
+// -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch)
+#define HALVES_PER_GROUP ((GROUP_SIZE) / 32)     // a lane's k-range of one chunk is two halves of 32
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {   // read once: do not pollute L1
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_cached(const void* p) {    // activations: re-read by every tile, keep in L1
+    uint4 r;
+    asm("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ u32 ld_u32(const u32* p) {
+    u32 r; asm("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p)); return r;
+}
+__device__ __forceinline__ u32 ld_u8(const u8* p) {
+    unsigned short r; asm("ld.global.nc.u8 %0, [%1];" : "=h"(r) : "l"(p)); return r;
+}
+__device__ __forceinline__ float lo_to_float(u32 pair) { return act_to_float((u16)(pair & 0xFFFFu)); }
+__device__ __forceinline__ float hi_to_float(u32 pair) { return act_to_float((u16)(pair >> 16)); }
+
+// One packed word -> the A registers of one k-tile as (q - z): exact small integers (rows g: zlo, g+8: zhi).
+__device__ __forceinline__ void q_minus_z(u32 w, u32 zlo, u32 zhi, u32 a[4]) {
+    a[0] = sub2((w & 0x000F000Fu) | MAGIC, zlo);
+    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, zhi);
+    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, zlo);
+    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, zhi);
+}
+
+extern "C" __global__ void __launch_bounds__(KS * 32)
+w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u8* __restrict__ zeros,
+             const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
+             int M, int N, int K, int per_warp) {
+    __shared__ float red[KS][NT * 4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
+    const int nt0 = blockIdx.x * NT;
+    const int c0 = warp * per_warp, c_end = min(c0 + per_warp, nchunks);   // per_warp: whole groups
+    const bool has_row = g < M;                          // B column g is token g
+    const u16* xrow = x + (size_t)(has_row ? g : 0) * K + 8 * t;
+
+    const uint4* wsrc[NT];
+    const u32* ssrc[NT];
+    const u8* zsrc[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
+        wsrc[j] = qw + (size_t)nt * nchunks * 32 + lane;
+        ssrc[j] = scales + (size_t)nt * ngroups * 8 + g;
+        zsrc[j] = zeros + (size_t)nt * ngroups * 8 + g;
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
+
+    for (int c = c0; c < c_end; c += U) {
+        uint4 w[U][NT], xv[U][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int cc = c + u;
+            const bool ok = cc < c_end;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) w[u][j] = ok ? ld_stream(wsrc[j] + (size_t)cc * 32) : u4(0, 0, 0, 0);
+            xv[u][0] = ok && has_row ? ld_cached(xrow + cc * 64) : u4(0, 0, 0, 0);
+            xv[u][1] = ok && has_row ? ld_cached(xrow + cc * 64 + 32) : u4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+            u32 zlo = 0, zhi = 0, spair = 0;
+#pragma unroll
+            for (int hc = 0; hc < 2 * U; ++hc) {             // half-chunks of 32 k
+                const int u = hc >> 1, h = hc & 1;
+                const int cc = c + u;
+                const bool ok = cc < c_end;
+                if (hc % HALVES_PER_GROUP == 0 && ok) {      // a group starts: its zero points and scales
+                    const int grp = (cc * 64 + 32 * h) / GROUP_SIZE;
+                    const u32 zb = ld_u8(zsrc[j] + grp * 8);
+                    zlo = (MAGIC16 | (zb & 15u)) * 0x10001u;
+                    zhi = (MAGIC16 | (zb >> 4)) * 0x10001u;
+                    spair = ld_u32(ssrc[j] + grp * 8);
+                }
+#pragma unroll
+                for (int jj = 0; jj < 2; ++jj) {
+                    u32 a[4];
+                    q_minus_z(word_of(w[u][j], 2 * h + jj), zlo, zhi, a);
+                    mma16816(part, a, word_of(xv[u][h], 2 * jj), word_of(xv[u][h], 2 * jj + 1));
+                }
+                if ((hc + 1) % HALVES_PER_GROUP == 0 || hc + 1 == 2 * U) {   // the group ends: scale, flush
+                    if (ok) {
+                        const float slo = lo_to_float(spair), shi = hi_to_float(spair);
+                        acc[j][0] += slo * part[0];
+                        acc[j][1] += slo * part[1];
+                        acc[j][2] += shi * part[2];
+                        acc[j][3] += shi * part[3];
+                    }
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) part[r] = 0.f;
+                }
+            }
+        }
+    }
+
+    // acc[j][r]: channel 16*(nt0+j) + g + 8*(r/2), token 2t + (r%2)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[warp][j * 4 + r][lane] = acc[j][r];
+    __syncthreads();
+    for (int v = threadIdx.x; v < NT * 4 * 32; v += KS * 32) {
+        const int l = v & 31, vi = v >> 5, j = vi >> 2, r = vi & 3;
+        const int tile = nt0 + j;
+        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
+        const int tok = 2 * (l & 3) + (r & 1);
+        if (tile >= ntiles || tok >= M) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) s += red[k][vi][l];
+        if (bias) s += act_to_float(bias[n]);
+        y[(size_t)tok * N + n] = float_to_act(s);
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    nt: int = 1   # n-tiles (16 channels) per block
+    ks: int = 8   # warps per block, splitting K into contiguous whole-group ranges
+    u: int = 4    # chunks of 64 k loaded per batch (u * 16 bytes in flight a lane per n-tile)
+
+    def options(self, dtype: torch.dtype, group_size: int):
+        return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DNT={self.nt}",
+                f"-DKS={self.ks}", f"-DU={self.u}")
+
+    def per_warp(self, K: int, group_size: int) -> int:
+        """Chunks of 64 per warp, rounded up to whole groups (a warp's range never splits a group)."""
+        cpg = max(1, group_size // 64)
+        nchunks = K // 64
+        return -(-(-(-nchunks // self.ks)) // cpg) * cpg
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
+    """Enough warps for about 32 per SM in one wave: one n-tile a block, K split over up to 16 warps."""
+    sm = _sm_count(device)
+    ntiles, nchunks = N // 16, K // 64
+    ks = 16
+    while ks > 1 and (ntiles * ks > sm * 32 or nchunks < 2 * ks):
+        ks //= 2
+    return DecodeConfig(nt=1, ks=ks, u=4 if group_size != 32 else 2)
+
+
+def supports_tokens(M: int) -> bool:
+    return 1 <= M <= MAX_TOKENS
+
+
+def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = None) -> torch.Tensor:
+    """x: [M, K] fp16/bf16 contiguous, 16-byte aligned rows, M <= 8 -> y: [M, N]."""
+    M, K = x.shape
+    if not supports_tokens(M):
+        raise ValueError(f"w4a16_decode takes 1..{MAX_TOKENS} tokens, got {M}")
+    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
+    N = rt.out_features
+    cfg = config or default_config(N, K, rt.group_size, x.device.index)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, "w4a16_decode", cfg.options(x.dtype, rt.group_size), x.device.index)
+    grid = (-(-(N // 16) // cfg.nt),)
+    bias_arg = bias if bias is not None else np.uint64(0)
+    _cupy.launch(kernel, grid, (cfg.ks * 32,),
+                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
+                  np.int32(M), np.int32(N), np.int32(K), np.int32(cfg.per_warp(K, rt.group_size))))
+    return y
