@@ -71,6 +71,7 @@ def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bo
         row.pop("_outputs")
         rows[c] = row
     desc = mut.describe()
+    engine.close()           # tp > 1: the workers leave their GPUs before tritonserver's engine needs them
     mut.close()
     return rows, desc, tokenizer
 

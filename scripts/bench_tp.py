@@ -28,18 +28,44 @@ import torch.multiprocessing as mp
 
 from backend.config import EngineConfig
 from backend.engine.engine import LLMEngine
-from backend.engine.tp import NO_MULTICAST_ENV, _free_port
+from backend.engine.tp import NO_MULTICAST_ENV, RankWeights, _free_port
+from backend.kernels.w4a16_runtime import random_runtime
 from backend.model.config import ModelConfig
+from backend.model.tp import shard_config
 from backend.model.weights import random_weights
-from scripts.bench_common import AWQ_GROUP_SIZE, SHAPES, random_awq_weights
+from scripts.bench_common import AWQ_GROUP_SIZE, SHAPES
 from scripts.bench_decode import _prompt, run_requests
 
 log = logging.getLogger("bench_tp")
 
 LLAMA2_70B = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                                  intermediate_size=28672)
-MODELS = {"tiny": SHAPES["tiny"], "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"],
+# CPU smoke runs of the W4A16 path at tp=2: every split a multiple of the group size 128
+TINY_AWQ = dataclasses.replace(SHAPES["tiny"], hidden_size=256, head_dim=64, intermediate_size=512)
+MODELS = {"tiny": SHAPES["tiny"], "tiny-awq": TINY_AWQ, "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"],
           "llama2-70b": LLAMA2_70B}
+
+
+def random_awq_shard(cfg: ModelConfig, dtype: torch.dtype, device, seed: int, rank: int, tp: int) -> Dict:
+    """Rank `rank`'s shard of a random W4A16 model, made on `device` directly in the kernels' runtime layout
+    (w4a16_runtime.random_runtime): seconds for a 70B shape, where quantizing or repacking would take minutes.
+    Replicated tensors (embeddings, norms, lm_head) are the same on every rank (same seed); the dequantized
+    weights have std ~0.02 (uniform nibbles - 8, scale 0.02 / 4.6), like random_weights."""
+    local = shard_config(cfg, rank, tp)
+    w = random_weights(dataclasses.replace(local, num_layers=0), dtype, device, seed)   # embed, norm, lm_head
+    g = torch.Generator(device=device).manual_seed(seed + 1 + rank)
+    h, inter = cfg.hidden_size, local.intermediate_size
+    shapes = {"qkv": (h, local.q_size + 2 * local.kv_size), "o": (local.q_size, h),
+              "gate_up": (h, 2 * inter), "down": (inter, h)}                 # (in, out) of each linear on this rank
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        w[p + "input_norm.weight"] = torch.ones(h, dtype=dtype, device=device)
+        w[p + "post_attn_norm.weight"] = torch.ones(h, dtype=dtype, device=device)
+        for name, (n_in, n_out) in shapes.items():
+            rt = random_runtime(n_in, n_out, AWQ_GROUP_SIZE, 0.02 / 4.6, torch.float16, device, g)
+            w[p + name + ".rt_qweight"], w[p + name + ".rt_zeros"] = rt.qweight, rt.zeros
+            w[p + name + ".rt_scales"] = rt.scales[torch.float16]
+    return w
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab: int) -> Dict[str, float]:
@@ -53,15 +79,20 @@ def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab
 def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches: List[int], new: int,
                 device: str = "cuda", graphs: bool = True) -> List[dict]:
     cfg = dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if awq else None)
-    make = random_awq_weights if awq else random_weights
     rows = []
     for tp in tps:
         dtype = torch.float16 if device == "cuda" else torch.float32
         config = EngineConfig(device=device, dtype=str(dtype).split(".")[1], tp=tp, session_len=512,
                               max_batch_size=max(batches), cache_max_entry_count=0.5, use_cuda_graph=graphs)
-        factory = functools.partial(make, cfg, dtype, device, 0)
         t0 = time.perf_counter()
-        engine = LLMEngine(config, model_cfg=cfg, weights=factory() if tp == 1 else factory)
+        if awq:                       # each rank makes its own shard in the kernels' layout
+            factory = RankWeights(functools.partial(random_awq_shard, cfg, dtype, device, 0))
+            weights = factory.make(0, 1) if tp == 1 else factory
+        else:
+            factory = functools.partial(random_weights, cfg, dtype, device, 0)
+            weights = factory() if tp == 1 else factory
+        engine = LLMEngine(config, model_cfg=cfg, weights=weights)
+        del weights
         load_s = time.perf_counter() - t0
         try:
             for bs in batches:

@@ -60,14 +60,24 @@ def _init_group(backend: str, port: int, rank: int, tp: int) -> None:
                             timeout=timedelta(seconds=START_TIMEOUT_S))
 
 
+@dataclasses.dataclass(frozen=True)
+class RankWeights:
+    """A weights factory that builds each rank's shard itself: make(rank, tp) -> the shard dict (random benchmark
+    weights of 70B shapes, made on the rank's GPU: no full copy anywhere). tp=1 engines take make(0, 1)."""
+    make: Callable[[int, int], Dict]
+
+
 def _build_rank(config: EngineConfig, model_cfg: ModelConfig, weights: Optional[Callable[[], Dict]], rank: int,
                 num_blocks: Optional[int]) -> ModelRunner:
     """This rank's ModelRunner over its shard; CUDA graphs are captured later, by all ranks together."""
     tp = config.tp
-    full = weights() if weights is not None else None
-    shard = (shard_weights(full, model_cfg, rank, tp) if full is not None
-             else load_shard(config.model, model_cfg, rank, tp))
-    del full
+    if isinstance(weights, RankWeights):
+        shard = weights.make(rank, tp)
+    else:
+        full = weights() if weights is not None else None
+        shard = (shard_weights(full, model_cfg, rank, tp) if full is not None
+                 else load_shard(config.model, model_cfg, rank, tp))
+        del full
     local = dataclasses.replace(config, tp=1, use_cuda_graph=False)
     if num_blocks is not None:
         local = dataclasses.replace(local, cache_max_entry_count=float(num_blocks))
@@ -182,7 +192,7 @@ class TPRunner:
 
     def __init__(self, config: EngineConfig, model_cfg: Optional[ModelConfig] = None,
                  weights: Optional[Callable[[], Dict]] = None):
-        if weights is not None and not callable(weights):
+        if weights is not None and not callable(weights) and not isinstance(weights, RankWeights):
             raise ValueError("tp > 1 takes weights from config.model or from a picklable factory "
                              "(weights() -> full-model dict, called in every rank), not a dict")
         if config.kv_qparams:

@@ -99,6 +99,24 @@ def unrepack(rt: W4A16Runtime, dtype: torch.dtype = torch.float16):
     return q.to(torch.int32).contiguous(), z.contiguous(), s.contiguous()
 
 
+def random_runtime(in_features: int, out_features: int, group_size: int, scale: float, dtype: torch.dtype,
+                   device, generator: torch.Generator) -> W4A16Runtime:
+    """Random int4 weights made directly in the runtime layout (benchmarks of 70B shapes: no canonical copy, no
+    repack): uniform nibbles, zero point 8, one scale for every group. Any int32 word is a valid set of nibbles."""
+    reason = supports(in_features, out_features, group_size)
+    if reason:
+        raise ValueError(f"W4A16 kernels cannot take {reason}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"scales dtype={dtype}: the runtime layout holds fp16 or bf16 pairs")
+    nt, ng = out_features // TILE_N, in_features // group_size
+    words = torch.randint(-2**31, 2**31 - 1, (nt, in_features // CHUNK_K, 32, 4), generator=generator,
+                          device=device, dtype=torch.int32)
+    zeros = torch.full((nt, ng, 8), 0x88, dtype=torch.uint8, device=device)
+    pairs = torch.full((nt, ng, 16), scale, dtype=dtype, device=device).view(torch.int32)     # [N/16, K/g, 8]
+    return W4A16Runtime(qweight=words, zeros=zeros, scales={dtype: pairs}, in_features=in_features,
+                        out_features=out_features, group_size=group_size)
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_with_shared(source: str, name: str, options: Tuple[str, ...], nbytes: int, device: int):
     """The compiled kernel, its dynamic shared-memory limit raised past the default 48 KB when it needs more."""

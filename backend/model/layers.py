@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import w4a16
+from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
 class Linear:
-    """y = x @ W^T (+ b). Dense: weight [out, in]. AWQ: qweight/qzeros/scales in the canonical format."""
+    """y = x @ W^T (+ b). Dense: weight [out, in]. AWQ: qweight/qzeros/scales in the canonical format, or only
+    the kernels' runtime layout (rt_qweight/rt_zeros/rt_scales, fp16 scale pairs: w4a16_runtime.random_runtime)."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  qweight=None, qzeros=None, scales=None, group_size: int = 0):
@@ -22,6 +24,13 @@ class Linear:
     @classmethod
     def from_weights(cls, w: Dict[str, torch.Tensor], prefix: str, group_size: int = 0) -> "Linear":
         bias = w.get(prefix + ".bias")
+        if prefix + ".rt_qweight" in w:      # W4A16 already in the kernels' layout (random benchmark weights)
+            scales = w[prefix + ".rt_scales"]
+            lin = cls(bias=bias, group_size=group_size)
+            lin.runtime = W4A16Runtime(qweight=w[prefix + ".rt_qweight"], zeros=w[prefix + ".rt_zeros"],
+                                       scales={torch.float16: scales}, in_features=scales.shape[1] * group_size,
+                                       out_features=scales.shape[0] * TILE_N, group_size=group_size)
+            return lin
         if prefix + ".qweight" in w:
             return cls(bias=bias, qweight=w[prefix + ".qweight"], qzeros=w[prefix + ".qzeros"],
                        scales=w[prefix + ".scales"], group_size=group_size)
@@ -29,10 +38,12 @@ class Linear:
 
     @property
     def is_quantized(self) -> bool:
-        return self.qweight is not None
+        return self.qweight is not None or bool(self.runtime)
 
     @property
     def out_features(self) -> int:
+        if self.qweight is None and self.runtime:
+            return self.runtime.out_features
         return self.scales.shape[1] if self.is_quantized else self.weight.shape[0]
 
     def dense_weight(self) -> torch.Tensor:
@@ -40,11 +51,18 @@ class Linear:
         if not self.is_quantized:
             return self.weight
         if self._dense_cache is None:
-            self._dense_cache = w4a16.dequantize_awq(self.qweight, self.qzeros, self.scales,
-                                                     self.group_size).t().contiguous()
+            if self.qweight is None:     # only the runtime layout: its (q, z, s) in canonical order
+                q, z, s = unrepack(self.runtime, torch.float16)
+                w = (q.float() - z.float().repeat_interleave(self.group_size, 0)) * \
+                    s.float().repeat_interleave(self.group_size, 0)
+                self._dense_cache = w.to(s.dtype).t().contiguous()
+            else:
+                self._dense_cache = w4a16.dequantize_awq(self.qweight, self.qzeros, self.scales,
+                                                         self.group_size).t().contiguous()
         return self._dense_cache
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_quantized and x.is_cuda:
+        if self.is_quantized and x.is_cuda and (self.qweight is not None or (
+                w4a16._cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16))):
             return w4a16.w4a16_linear(x, self)
         return F.linear(x, self.dense_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

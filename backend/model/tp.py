@@ -88,6 +88,9 @@ def _row(x, dim: int, rank: int, tp: int) -> torch.Tensor:
 def shard_tensor(name: str, x, cfg: ModelConfig, rank: int, tp: int):
     """Rank `rank`'s part of the full-model tensor `name` (engine names); None when the rank keeps nothing."""
     m = _LAYER.match(name)
+    if ".rt_" in name:
+        raise ValueError(f"{name}: W4A16 in the kernels' runtime layout cannot be split; build each rank's shard "
+                         f"itself (backend.engine.tp.RankWeights)")
     if m is None:                     # embed, norms, lm_head: replicated
         return x[:] if not isinstance(x, torch.Tensor) else x
     linear, suffix = m.groups()
