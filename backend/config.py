@@ -9,6 +9,7 @@ KV_CACHE_DTYPES = ("auto", "int8", "int4")
 # LMDeploy >= 0.4: quant_policy 0 = no KV quant, 8 = int8, 4 = int4
 QUANT_POLICY_TO_KV = {0: "auto", 8: "int8", 4: "int4"}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_ROTATIONS = ("auto", "hadamard", "off")   # backend/model/rotation.py
 
 
 def _check_range(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False, kind=(int, float)):
@@ -50,6 +51,7 @@ class EngineConfig:
     seed: int = 0                        # default seed for requests that give none
     cpu_kv_blocks: int = 0               # CPU device: block count when cache_max_entry_count <= 1 (0 = derive)
     kv_qparams: str = ""                 # static per-head KV scales (`lmtriton lite kv_qparams`); needs int8/int4
+    kv_rotation: str = "auto"            # auto (Hadamard for online int4 KV) | hadamard | off: model/rotation.py
 
     def __post_init__(self):
         if self.quant_policy is not None:
@@ -68,6 +70,11 @@ class EngineConfig:
         if self.kv_qparams and self.kv_cache_dtype not in ("int8", "int4"):
             raise ValueError(f"kv_qparams={self.kv_qparams!r} needs kv_cache_dtype int8 or int4, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_rotation not in KV_ROTATIONS:
+            raise ValueError(f"kv_rotation must be one of {KV_ROTATIONS}, got {self.kv_rotation!r}")
+        if self.kv_rotation == "hadamard" and self.kv_qparams:
+            raise ValueError(f"kv_rotation=hadamard cannot be combined with kv_qparams={self.kv_qparams!r}: the static "
+                             f"parameters are calibrated on unrotated K/V (use kv_rotation auto or off)")
         _check_range("session_len", self.session_len, 16, kind=int)
         _check_range("max_batch_size", self.max_batch_size, 1, 4096, kind=int)
         _check_range("cache_block_seq_len", self.cache_block_seq_len, 1, 1024, kind=int)

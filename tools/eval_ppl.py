@@ -70,7 +70,7 @@ def _window_nll(engine: LLMEngine, windows: List[List[int]]) -> float:
 @torch.inference_mode()
 def eval_ppl(model, kv: str = "auto", windows: int = 32, seqlen: int = 512, seed: int = 0, text: str = "wiki",
              kv_qparams: Optional[str] = None, dtype: str = "float32", device: str = "cpu",
-             batch: int = 4, progress: bool = False) -> dict:
+             batch: int = 4, progress: bool = False, kv_rotation: str = "auto") -> dict:
     weights_dir, tok_dir = resolve_model_dirs(model)
     wins = token_windows(load_tokenizer(tok_dir), text, "eval", windows, seqlen, seed)
     block = 64
@@ -79,7 +79,7 @@ def eval_ppl(model, kv: str = "auto", windows: int = 32, seqlen: int = 512, seed
     config = EngineConfig(model=str(weights_dir), dtype=dtype, device=device, kv_cache_dtype=kv,
                           session_len=max(seqlen + 1, 16), max_batch_size=batch, cache_block_seq_len=block,
                           cache_max_entry_count=blocks + 1, max_prefill_token_num=max(16, batch * seqlen),
-                          **extra)
+                          kv_rotation=kv_rotation, **extra)
     t0 = time.time()
     engine = LLMEngine(config)
     t_load = time.time() - t0
@@ -90,7 +90,8 @@ def eval_ppl(model, kv: str = "auto", windows: int = 32, seqlen: int = 512, seed
             log.info("ppl: %d/%d windows", min(i + batch, len(wins)), len(wins))
     tokens = len(wins) * (seqlen - 1)
     mc = engine.model_cfg
-    return {"model": str(model), "kv": kv, "kv_qparams": kv_qparams, "ppl": math.exp(nll / tokens),
+    return {"model": str(model), "kv": kv, "kv_qparams": kv_qparams, "kv_rotation": kv_rotation,
+            "rotated": engine.runner.model.rot is not None, "ppl": math.exp(nll / tokens),
             "nll": nll / tokens, "tokens": tokens, "windows": len(wins), "seqlen": seqlen, "seed": seed,
             "text": text, "dtype": str(engine.runner.dtype).replace("torch.", ""), "device": str(engine.runner.device),
             "kv_bytes_per_token": KVCache.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, kv,
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="HF / AWQ directory, converted workspace, or 'demo'")
     p.add_argument("--kv", default="auto", choices=["auto", "int8", "int4"], help="KV cache dtype")
     p.add_argument("--kv-qparams", default=None, help="static KV parameters from `lmtriton lite kv_qparams`")
+    p.add_argument("--kv-rotation", default="auto", choices=["auto", "hadamard", "off"],
+                   help="Hadamard rotation of K/V heads (auto: on for int4 KV without --kv-qparams)")
     p.add_argument("--windows", type=int, default=32, help="number of held-out windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     p.add_argument("--seed", type=int, default=0)
@@ -117,11 +120,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = eval_ppl(args.model, args.kv, args.windows, args.seqlen, args.seed, args.text, args.kv_qparams,
-                   args.dtype, args.device, args.batch, progress=True)
+                   args.dtype, args.device, args.batch, progress=True, kv_rotation=args.kv_rotation)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     sys.stdout.write(f"ppl {res['ppl']:.4f} over {res['tokens']} tokens ({res['windows']} x {res['seqlen']}, "
-                     f"seed {res['seed']}, kv {res['kv']}) in {res['eval_seconds']}s\n")
+                     f"seed {res['seed']}, kv {res['kv']}{', rotated' if res['rotated'] else ''}) "
+                     f"in {res['eval_seconds']}s\n")
     return 0
 
 

@@ -15,6 +15,7 @@ from ..kernels.kv_cache import KVCache
 from ..kernels.paged_attention import AttnMetadata
 from ..model.config import ModelConfig
 from ..model.llama import LlamaModel
+from ..model.rotation import resolve_kv_rotation
 from ..model.sampler import build_sampling_batch, sample
 from ..model.weights import load_weights
 from .sequence import Sequence
@@ -69,7 +70,9 @@ class ModelRunner:
             weights = load_weights(config.model, self.model_cfg)
         weights = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(self.device)
                    for k, v in weights.items()}
-        self.model = LlamaModel(self.model_cfg, weights, config.rope_scaling_factor, config.use_logn_attn)
+        rot = resolve_kv_rotation(config.kv_rotation, config.kv_cache_dtype, self.model_cfg.head_dim,
+                                  bool(config.kv_qparams))
+        self.model = LlamaModel(self.model_cfg, weights, config.rope_scaling_factor, config.use_logn_attn, rot)
         self.block_size = config.cache_block_seq_len
         self.num_blocks = self._num_kv_blocks()
         c = self.model_cfg
@@ -84,8 +87,8 @@ class ModelRunner:
         if self.device.type == "cuda" and config.use_cuda_graph and not config.kv_qparams:   # static KV: eager
             from .cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(self)
-        log.info("model runner: %s %s, %d KV blocks of %d tokens (%s)", self.device, self.dtype,
-                 self.num_blocks, self.block_size, config.kv_cache_dtype)
+        log.info("model runner: %s %s, %d KV blocks of %d tokens (%s%s)", self.device, self.dtype,
+                 self.num_blocks, self.block_size, config.kv_cache_dtype, ", Hadamard-rotated" if rot else "")
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -15,6 +15,7 @@ from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotary
 from .config import ModelConfig
 from .layers import Linear
+from .rotation import fold_o_cols, fold_v_rows, hadamard, rotate
 
 
 class DecoderLayer:
@@ -26,6 +27,20 @@ class DecoderLayer:
         self.o = Linear.from_weights(w, p + "o", group_size)
         self.gate_up = Linear.from_weights(w, p + "gate_up", group_size)
         self.down = Linear.from_weights(w, p + "down", group_size)
+        self.rotate_v = self.rotate_o = False     # KV rotation the weights could not absorb (W4A16): at run time
+
+    def fold_rotation(self, cfg: ModelConfig, h: torch.Tensor) -> None:
+        """Fold the v rotation / o un-rotation into dense weights (backend/model/rotation.py); W4A16 keeps them."""
+        if self.qkv.is_quantized:
+            self.rotate_v = True
+        else:
+            self.qkv.weight = fold_v_rows(self.qkv.weight, cfg.q_size, cfg.kv_size, cfg.head_dim, h)
+            if self.qkv.bias is not None:
+                self.qkv.bias = fold_v_rows(self.qkv.bias, cfg.q_size, cfg.kv_size, cfg.head_dim, h)
+        if self.o.is_quantized:
+            self.rotate_o = True
+        else:
+            self.o.weight = fold_o_cols(self.o.weight, cfg.head_dim, h)
 
     def linears(self) -> List[Linear]:
         return [self.qkv, self.o, self.gate_up, self.down]
@@ -33,7 +48,7 @@ class DecoderLayer:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: Dict[str, torch.Tensor], rope_scaling_factor: float = 0.0,
-                 use_logn_attn: bool = False):
+                 use_logn_attn: bool = False, kv_rotation: bool = False):
         self.cfg = cfg
         gs = cfg.quant["group_size"] if cfg.quant else 0
         self.embed = weights["embed.weight"]
@@ -46,6 +61,13 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.kv_qparams = None    # [L, 2, Hk, 2] static KV (scale, zero), set by the model runner when configured
         self.all_reduce = None    # tensor parallel: sums the row-parallel o / down partial outputs across ranks
+        self.rot = self.rot_t = None   # [D, D] Hadamard rotation of q / k / v heads (quantized KV): rotation.py
+        if kv_rotation:
+            self.rot = hadamard(cfg.head_dim, device=self.embed.device)
+            for layer in self.layers:
+                layer.fold_rotation(cfg, self.rot)
+            self.rot = self.rot.to(self.embed.dtype)
+            self.rot_t = self.rot.t().contiguous()
 
     def rotary_freqs(self, meta: AttnMetadata) -> torch.Tensor:
         """[D/2], or [T, D/2] under dynamic NTK: a sequence longer than the training length gets a larger base."""
@@ -75,12 +97,21 @@ class LlamaModel:
             k = k.view(t, cfg.num_kv_heads, cfg.head_dim)                            # [T, Hk, D]
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
+            if self.rot is not None:        # one matmul for q, k (and v when not folded into the weights)
+                hq, hk = cfg.num_heads, cfg.num_kv_heads
+                if layer.rotate_v:
+                    q, k, v = rotate(torch.cat([q, k, v], 1), self.rot).split([hq, hk, hk], 1)
+                else:
+                    q, k = rotate(torch.cat([q, k], 1), self.rot).split([hq, hk], 1)
+                q = q.contiguous()          # a view for T > 1; the GPU attention kernels read contiguous q
             cache = kv.layer(i)
             if self.kv_qparams is None:
                 write_kv(k, v, cache, meta.slot_mapping)
             else:
                 write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
             o = paged_attention(q, cache, meta, self.scale)                          # [T, Hq, D]
+            if layer.rotate_o:
+                o = rotate(o, self.rot_t)   # o = o' H^T: back to the unrotated basis
             h = layer.o(o.reshape(t, cfg.q_size))
             if self.all_reduce is not None:
                 h = self.all_reduce(h)
