@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from backend.kernels import activation, kv_cache, paged_attention, rms_norm, rotary
+from backend.kernels import activation, kv_cache, paged_attention, rms_norm, rotary, rotary_kv
 from backend.kernels.kv_cache import KVCache
 from backend.kernels.paged_attention import AttnMetadata
 
@@ -91,6 +91,44 @@ def test_write_kv(dtype, kv_dtype, d):
         ca, cb = _codes(a, kv_dtype), _codes(b, kv_dtype)
         assert (ca - cb).abs().max().item() <= 1
         assert (ca != cb).float().mean().item() < 5e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("hq,hk,d", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("per_token,logn", [(False, 0), (True, 2048)])
+def test_rotary_write_kv_equals_unfused(dtype, kv_dtype, hq, hk, d, per_token, logn):
+    """The fused kernel against rotary + write_kv kernels: the same float32 expressions, so bit-identical is
+    expected; allowed: one rounding step on < 0.1% of elements (NVRTC may contract a * b - c * d into an FMA
+    differently in the two kernels), and then a code one step off where a head's min or max moved."""
+    t, bs = 37, 16
+    qkv = torch.randn(t, (hq + 2 * hk) * d, dtype=dtype, device=DEV) * 2
+    q = qkv[:, :hq * d].view(t, hq, d)                                            # strided views, as in the model
+    k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+    pos = torch.randint(0, 5000, (t,), dtype=torch.int32, device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d))
+    if per_token:
+        inv = inv[None, :] / (1 + torch.rand(t, 1, device=DEV))                  # [T, D/2]
+    slots = torch.randperm(8 * bs, device=DEV)[:t].to(torch.int32)
+    slots[::5] = -1                                                               # padded rows: no write
+    fused, plain = _cache(kv_dtype, dtype, 8, bs, hk, d), _cache(kv_dtype, dtype, 8, bs, hk, d)
+    got = rotary_kv.rotary_write_kv(q, k, v, pos, inv, logn, fused.layer(0), slots)
+    q_ref, k_rot = rotary.rotary(q, k, pos, inv, logn)
+    kv_cache.write_kv(k_rot, v, plain.layer(0), slots)
+    torch.testing.assert_close(got, q_ref, **TOL[dtype])
+    assert (got != q_ref).float().mean().item() < 1e-3
+    if kv_dtype == "auto":
+        for a, b in ((fused.k, plain.k), (fused.v, plain.v)):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+            assert (a != b).float().mean().item() < 1e-3
+        return
+    torch.testing.assert_close(fused.v_qp, plain.v_qp, atol=0, rtol=0)           # V is not rotated: exact
+    assert torch.equal(fused.v, plain.v)
+    torch.testing.assert_close(fused.k_qp, plain.k_qp, atol=1e-3, rtol=1e-2)
+    ca, cb = _codes(fused.k, kv_dtype), _codes(plain.k, kv_dtype)
+    assert (ca - cb).abs().max().item() <= 1
+    assert (ca != cb).float().mean().item() < 5e-3
 
 
 def _codes(packed: torch.Tensor, kv_dtype: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ..kernels.kv_static import write_kv_static
 from ..kernels.paged_attention import AttnMetadata, paged_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rotary import rotary
+from ..kernels.rotary_kv import rotary_write_kv
 from .config import ModelConfig
 from .layers import Linear
 from .rotation import fold_o_cols, fold_v_rows, hadamard, rotate
@@ -61,6 +62,7 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.kv_qparams = None    # [L, 2, Hk, 2] static KV (scale, zero), set by the model runner when configured
         self.all_reduce = None    # tensor parallel: sums the row-parallel o / down partial outputs across ranks
+        self.fuse_rope_kv = False  # one kernel for rotary + KV write (EngineConfig.fuse_rope_kv)
         self.rot = self.rot_t = None   # [D, D] Hadamard rotation of q / k / v heads (quantized KV): rotation.py
         if kv_rotation:
             self.rot = hadamard(cfg.head_dim, device=self.embed.device)
@@ -96,7 +98,12 @@ class LlamaModel:
             q = q.view(t, cfg.num_heads, cfg.head_dim)                               # [T, Hq, D]
             k = k.view(t, cfg.num_kv_heads, cfg.head_dim)                            # [T, Hk, D]
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-            q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
+            cache = kv.layer(i)
+            fused = self.fuse_rope_kv and self.kv_qparams is None and self.rot is None
+            if fused:                       # rotated K and V go straight into the cache
+                q = rotary_write_kv(q, k, v, meta.positions, inv_freq, self.logn_max_pos, cache, meta.slot_mapping)
+            else:
+                q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
             if self.rot is not None:        # one matmul for q, k (and v when not folded into the weights)
                 hq, hk = cfg.num_heads, cfg.num_kv_heads
                 if layer.rotate_v:
@@ -104,8 +111,9 @@ class LlamaModel:
                 else:
                     q, k = rotate(torch.cat([q, k], 1), self.rot).split([hq, hk], 1)
                 q = q.contiguous()          # a view for T > 1; the GPU attention kernels read contiguous q
-            cache = kv.layer(i)
-            if self.kv_qparams is None:
+            if fused:
+                pass                        # written by rotary_write_kv
+            elif self.kv_qparams is None:
                 write_kv(k, v, cache, meta.slot_mapping)
             else:
                 write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
