@@ -52,6 +52,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache: fraction of free GPU memory (<= 1) or a block count (> 1)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--no-cuda-graph", action="store_true")
+    g.add_argument("--decode-step-in-graph", action="store_true",
+                   help="decode inputs in one copy; lm_head + greedy argmax inside the CUDA graph")
+    g.add_argument("--fuse-rope-kv", action="store_true", help="one kernel for rotary + KV write (+ quantization)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -96,7 +99,8 @@ class ModelUnderTest:
                 "quant": (self.engine.model_cfg.quant or {}).get("method", "none"), "dtype": str(r.dtype),
                 "device": str(r.device), "kv_cache_dtype": c.kv_cache_dtype, "kv_blocks": r.num_blocks,
                 "block_size": c.cache_block_seq_len, "max_batch_size": c.max_batch_size,
-                "session_len": c.session_len, "cuda_graph": r.graphs is not None}
+                "session_len": c.session_len, "cuda_graph": r.graphs is not None,
+                "decode_step_in_graph": c.decode_step_in_graph, "fuse_rope_kv": c.fuse_rope_kv}
 
     def close(self) -> None:
         self.engine = None
@@ -109,7 +113,8 @@ def build(args, session_len: int, max_batch_size: int, cpu_blocks: int = 0) -> M
     """The engine for args.model; cpu_blocks sizes the KV cache on CPU when --cache-max-entry-count is not given."""
     kw = dict(dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv, session_len=session_len,
               max_batch_size=args.max_batch_size or max_batch_size, use_cuda_graph=not args.no_cuda_graph,
-              seed=args.seed, max_prefill_token_num=max(8192, session_len))
+              seed=args.seed, max_prefill_token_num=max(8192, session_len),
+              decode_step_in_graph=args.decode_step_in_graph, fuse_rope_kv=args.fuse_rope_kv)
     if args.cache_max_entry_count is not None:
         kw["cache_max_entry_count"] = args.cache_max_entry_count
     if args.model in SHAPES:

@@ -169,3 +169,43 @@ def test_quantized_kv_close_to_fp16(model_dir, judge, kv, min_agree):
     agree = (short < TIE).float().mean().item()
     REPORT[f"kv_{kv}_agreement_with_fp32_argmax"] = agree
     assert agree >= min_agree
+
+
+# decode fast paths (issue 4): the graph's own lm_head + argmax and one input copy; rotary fused with the KV write
+@pytest.mark.parametrize("switches,kv", [(dict(fuse_rope_kv=True), "auto"), (dict(fuse_rope_kv=True), "int8"),
+                                         (dict(decode_step_in_graph=True), "auto"),
+                                         (dict(decode_step_in_graph=True, fuse_rope_kv=True), "int8")])
+def test_decode_fast_paths_equal_off(model_dir, judge, switches, kv):
+    prompts = [_prompt(n, 30 + n) for n in (5, 70, 130)]          # staggered: batches of 1..3 in graphs of 1, 2, 4
+    off = generate(model_dir, prompts, stagger=5, kv_cache_dtype=kv)
+    on = generate(model_dir, prompts, stagger=5, kv_cache_dtype=kv, **switches)
+    for i, p in enumerate(prompts):
+        check_same(judge, p, on[i], off[i], f"fast_paths_{'+'.join(switches)}_{kv}_{i}")
+
+
+def test_decode_step_in_graph_samples_like_eager(model_dir):
+    """Non-greedy rows sample from the graph's logits: seeded draws, logprobs, penalties as before."""
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.0, logprobs=True, ignore_eos=True),
+              SamplingParams(max_tokens=24, temperature=0.7, top_k=20, repetition_penalty=1.3, seed=11,
+                             min_tokens=4, ignore_eos=True)]
+    prompts = [_prompt(n, 50 + n) for n in (9, 33, 64, 100)]
+
+    def run(**cfg):
+        eng = LLMEngine(EngineConfig(model=str(model_dir), device="cuda", dtype="float16", session_len=1024,
+                                     max_batch_size=8, cache_block_seq_len=16, cache_max_entry_count=512, **cfg))
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            eng.add_request(i, p, sp)
+        toks, lps = {i: [] for i in range(4)}, {i: [] for i in range(4)}
+        while eng.has_unfinished():
+            for o in eng.step():
+                assert o.error is None, o.error
+                toks[o.request_id] += o.new_token_ids
+                lps[o.request_id] += o.new_logprobs
+        assert eng.block_manager.num_used_blocks == 0
+        return toks, lps
+
+    off, on = run(), run(decode_step_in_graph=True)
+    assert on[0] == off[0]                              # 4 rows = a graph bucket: the same lm_head shapes
+    torch.testing.assert_close(torch.tensor(on[1][2]), torch.tensor(off[1][2]), atol=1e-3, rtol=0)

@@ -5,11 +5,15 @@ traffic. A graph replays them in one launch. Inputs live in static buffers that 
 positions, slot mapping, block tables (padded to the blocks of session_len), context lens. Rows past the real
 batch get slot -1 (the KV write skips them) and context 0 (attention writes zeros). The attention kernel reads
 lengths from the device and takes session_len as its static bound, so one graph serves any context length.
+
+decode_step_in_graph (EngineConfig): the int32 inputs (token ids, positions, slots, context lens, block tables)
+live in ONE device buffer filled by one host-to-device copy from a pinned buffer (`load_decode`), and the graph
+also computes lm_head and the greedy argmax: a plain-greedy step is one copy in, one replay, one copy out.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,6 +41,9 @@ class DecodeGraphs:
         self.buckets = batch_buckets(self.max_bs)
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[int, torch.Tensor] = {}
+        self.in_graph = cfg.decode_step_in_graph
+        self.logits: Dict[int, torch.Tensor] = {}     # [bs, V] float32 (in_graph only)
+        self.tokens: Dict[int, torch.Tensor] = {}     # [bs] int64 greedy argmax (in_graph only)
         self.enabled = self._check_supported()
         if self.enabled:
             self._capture_all()
@@ -60,11 +67,27 @@ class DecodeGraphs:
         dev, n = self.runner.device, self.max_bs
         i32 = dict(dtype=torch.int32, device=dev)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, **i32)
-        self.slot_mapping = torch.full((n,), -1, **i32)
-        self.block_tables = torch.zeros(n, self.max_blocks, **i32)
-        self.context_lens = torch.zeros(n, **i32)
+        # one int32 buffer: [ids | positions | slots | context lens | block tables n x max_blocks]; the rows of
+        # a batch of b are its first 4 n + b * max_blocks entries (one copy)
+        self.flat = torch.zeros(4 * n + n * self.max_blocks, **i32)
+        parts = self.flat.split([n, n, n, n, n * self.max_blocks])
+        self.ids32, self.positions, self.slot_mapping, self.context_lens, tables = parts
+        self.slot_mapping.fill_(-1)
+        self.block_tables = tables.view(n, self.max_blocks)                               # [n, max_blocks]
         self.cu_seqlens = torch.arange(n + 1, **i32)
+        if self.in_graph:   # two pinned host copies of `flat`, used in turn (a copy may still read the last one)
+            self.host = [torch.zeros(self.flat.shape, dtype=torch.int32).pin_memory() for _ in range(2)]
+            self.host_np = [h.numpy() for h in self.host]
+            self.turn = 0
+
+    def _forward(self, bs: int, meta: AttnMetadata, kv) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                   Optional[torch.Tensor]]:
+        if not self.in_graph:
+            return self.model.forward(self.input_ids[:bs], meta, kv), None, None
+        self.input_ids[:bs].copy_(self.ids32[:bs])                                       # int32 -> int64
+        hidden = self.model.forward(self.input_ids[:bs], meta, kv)
+        logits = self.model.logits(hidden)                                                # [bs, V] float32
+        return hidden, logits, logits.argmax(-1)
 
     def _meta(self, bs: int) -> AttnMetadata:
         return AttnMetadata(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
@@ -83,11 +106,11 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):         # warm-up compiles and loads every kernel before capture
                 for _ in range(2):
-                    self.model.forward(self.input_ids[:bs], meta, kv)
+                    self._forward(bs, meta, kv)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model.forward(self.input_ids[:bs], meta, kv)
+                self.outputs[bs], self.logits[bs], self.tokens[bs] = self._forward(bs, meta, kv)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
@@ -97,11 +120,14 @@ class DecodeGraphs:
         return (self.enabled and meta.is_decode and len(meta.q_lens) <= self.max_bs
                 and meta.max_context_len <= self.session_len and meta.block_tables.shape[1] <= self.max_blocks)
 
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
     def run(self, input_ids: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         n = input_ids.shape[0]
-        bs = next(b for b in self.buckets if b >= n)
+        bs = self.bucket(n)
         width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
+        (self.ids32 if self.in_graph else self.input_ids)[:n].copy_(input_ids)
         self.positions[:n].copy_(meta.positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.context_lens[:n].copy_(meta.context_lens)
@@ -111,3 +137,33 @@ class DecodeGraphs:
             self.context_lens[n:bs].fill_(0)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
+
+    # -- decode_step_in_graph ----------------------------------------------------------------------------------
+    def can_load(self, batch) -> bool:
+        """A decode batch whose inputs load_decode can write: one new token each, within the static bounds."""
+        return (self.enabled and self.in_graph and len(batch) <= self.max_bs
+                and all(n == 1 and seq.num_computed_tokens < self.session_len for seq, n in batch))
+
+    def load_decode(self, batch) -> int:
+        """Write the inputs of a decode batch (what prepare() builds) with one H2D copy; -> its bucket size."""
+        n, bsz, mb, s = len(batch), self.runner.block_size, self.max_blocks, self.max_bs
+        arr = self.host_np[self.turn]
+        for i, (seq, _) in enumerate(batch):
+            p = seq.num_computed_tokens
+            table = seq.block_table
+            arr[i] = seq.token_ids[p]
+            arr[s + i] = p
+            arr[2 * s + i] = table[p // bsz] * bsz + p % bsz
+            arr[3 * s + i] = p + 1
+            w = min(len(table), mb)
+            arr[4 * s + i * mb:4 * s + i * mb + w] = table[:w]
+        bs = self.bucket(n)
+        arr[2 * s + n:2 * s + bs] = -1                     # padded rows: no KV write, empty context
+        arr[3 * s + n:3 * s + bs] = 0
+        end = 4 * s + n * mb
+        self.flat[:end].copy_(self.host[self.turn][:end], non_blocking=True)
+        self.turn ^= 1
+        return bs
+
+    def replay(self, bs: int) -> None:
+        self.graphs[bs].replay()

@@ -73,6 +73,7 @@ class ModelRunner:
         rot = resolve_kv_rotation(config.kv_rotation, config.kv_cache_dtype, self.model_cfg.head_dim,
                                   bool(config.kv_qparams))
         self.model = LlamaModel(self.model_cfg, weights, config.rope_scaling_factor, config.use_logn_attn, rot)
+        self.model.fuse_rope_kv = config.fuse_rope_kv
         self.block_size = config.cache_block_seq_len
         self.num_blocks = self._num_kv_blocks()
         c = self.model_cfg
@@ -150,23 +151,31 @@ class ModelRunner:
         """Compute the batch; for each sequence that reaches its end, sample one token (else None)."""
         if not batch:
             return []
-        input_ids, meta, last = self.prepare(batch)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(input_ids, meta)
+        g, bucket = self.graphs, 0          # bucket > 0: a graph with lm_head + argmax inside ran this step
+        if g is not None and g.can_load(batch):
+            bucket = g.load_decode(batch)
+            g.replay(bucket)
+            hidden, last = g.outputs[bucket][:len(batch)], list(range(len(batch)))
         else:
-            hidden = self.model.forward(input_ids, meta, self.kv_cache)
+            input_ids, meta, last = self.prepare(batch)
+            if g is not None and g.can_run(meta):
+                hidden = g.run(input_ids, meta)
+                bucket = g.bucket(len(batch)) if g.in_graph else 0
+            else:
+                hidden = self.model.forward(input_ids, meta, self.kv_cache)
         rows = [i for i, (seq, n) in enumerate(batch) if seq.num_computed_tokens + n == len(seq)]
         results: List[Optional[Tuple[int, Optional[float]]]] = [None] * len(batch)
         if not rows:
             return results
         seqs = [batch[i][0] for i in rows]
         picked = [last[i] for i in rows]
-        if picked == list(range(hidden.shape[0])):      # decode: every row samples; no gather (no H2D index copy)
-            logits = self.model.logits(hidden)                                            # [B, V] float32
-        else:
-            logits = self.model.logits(hidden[picked])
+        if bucket and picked == list(range(len(batch))):    # lm_head and the argmax ran inside the graph
+            logits, argmax = g.logits[bucket][:len(batch)], g.tokens[bucket][:len(batch)]
+        else:                                       # decode: every row samples; no gather (no H2D index copy)
+            logits = self.model.logits(hidden if picked == list(range(hidden.shape[0])) else hidden[picked])
+            argmax = None                                                                 # logits: [B, V] fp32
         if all(_plain_greedy(s) for s in seqs):     # what sample() reduces to here, without its 7 small H2D copies
-            tokens, logprobs = logits.argmax(-1), None
+            tokens, logprobs = (logits.argmax(-1) if argmax is None else argmax), None
         else:
             sb = build_sampling_batch(seqs, self.device, self.eos_ids, logits.shape[1])
             tokens, logprobs = sample(logits, sb)
