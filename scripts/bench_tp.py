@@ -98,7 +98,8 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
             for bs in batches:
                 r = decode_tok_s(engine, bs, 128, new, cfg.vocab_size)
                 rows.append({"model": name + ("-awq" if awq else ""), "tp": tp, "load_s": load_s, **r,
-                             "cuda_graph": engine.runner.graphs is not None})
+                             "cuda_graph": engine.runner.graphs is not None, "kv_blocks": engine.runner.num_blocks,
+                             "rank0_gpu_gb": torch.cuda.memory_allocated() / 1e9 if device == "cuda" else 0.0})
                 log.info("%s", rows[-1])
         finally:
             engine.close()
@@ -141,13 +142,16 @@ def _allreduce_rank(rank: int, tp: int, port: int, hidden: int, layers: int, bat
 def allreduce_per_step(tp: int, cfg: ModelConfig, batches: List[int]) -> List[dict]:
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_allreduce_rank, args=(r, tp, port, cfg.hidden_size, cfg.num_layers, batches, queue))
-             for r in range(tp)]
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, tp, port, cfg.hidden_size, cfg.num_layers, batches, queue),
+                         daemon=True) for r in range(tp)]
     for p in procs:
         p.start()
     out = queue.get(timeout=120)
     for p in procs:
-        p.join(60)
+        p.join(30)
+        if p.is_alive():             # stuck in NCCL teardown: the numbers are in, do not wait on it at exit
+            log.warning("all-reduce rank pid %d did not exit; terminating it", p.pid)
+            p.terminate()
     return [{"tp": tp, "batch": bs, "hidden": cfg.hidden_size, "allreduces": 2 * cfg.num_layers, "ms_per_step": ms}
             for bs, ms in out.items()]
 
