@@ -57,10 +57,11 @@ def resolve_kv_rotation(mode: str, kv_dtype: str, head_dim: int, static_qparams:
 def fold_v_rows(w: torch.Tensor, q_size: int, kv_size: int, head_dim: int, h: torch.Tensor) -> torch.Tensor:
     """Fused qkv weight [q+2kv, in] or bias [q+2kv] -> a new tensor whose v rows give v H per head."""
     out = w.clone()
-    v = w[q_size + kv_size:].float()
+    ct = torch.promote_types(w.dtype, torch.float32)                            # fp32 at least
+    v = w[q_size + kv_size:].to(ct)
     shape = v.shape
     v = v.reshape(-1, head_dim, *shape[1:])                                     # [Hk, D, in] or [Hk, D]
-    v = torch.einsum("ed,hd...->he...", h.t(), v)                               # (v H)_e = sum_d v_d H[d, e]
+    v = torch.einsum("ed,hd...->he...", h.t().to(ct), v)                       # (v H)_e = sum_d v_d H[d, e]
     out[q_size + kv_size:] = v.reshape(shape).to(w.dtype)
     return out
 
@@ -68,7 +69,8 @@ def fold_v_rows(w: torch.Tensor, q_size: int, kv_size: int, head_dim: int, h: to
 def fold_o_cols(w: torch.Tensor, head_dim: int, h: torch.Tensor) -> torch.Tensor:
     """o_proj weight [out, Hq*D] -> W_o' with W_o' o' = W_o o for o' = o H (per head: W_o[:, h] H)."""
     out_f, in_f = w.shape
-    wf = w.float().reshape(out_f, in_f // head_dim, head_dim) @ h
+    ct = torch.promote_types(w.dtype, torch.float32)
+    wf = w.to(ct).reshape(out_f, in_f // head_dim, head_dim) @ h.to(ct)
     return wf.reshape(out_f, in_f).to(w.dtype)
 
 
