@@ -85,3 +85,39 @@ def test_switches_are_engine_parameters():
     cfg = EngineConfig.from_dict({"decode_step_in_graph": True, "fuse_rope_kv": True})
     assert cfg.decode_step_in_graph and cfg.fuse_rope_kv
     assert not EngineConfig().decode_step_in_graph and not EngineConfig().fuse_rope_kv
+
+
+def test_load_decode_writes_what_prepare_builds():
+    """The one-copy input layout of decode_step_in_graph against ModelRunner.prepare (checked on CPU tensors)."""
+    from types import SimpleNamespace
+
+    from backend.engine.cuda_graph import DecodeGraphs
+    from backend.engine.model_runner import ModelRunner
+    from backend.engine.sequence import Sequence
+    cfg = EngineConfig(device="cpu", session_len=64, max_batch_size=8, cache_block_seq_len=4,
+                       decode_step_in_graph=True)
+    runner = SimpleNamespace(config=cfg, block_size=4, device=torch.device("cpu"), model=None)
+    g = DecodeGraphs.__new__(DecodeGraphs)           # the buffers and layout only: no model, no capture
+    g.runner, g.session_len, g.max_bs, g.max_blocks = runner, 64, 8, 16
+    g.buckets, g.in_graph, g.enabled = [1, 2, 4, 8], True, True
+    g._static_buffers()
+
+    def seq(n_tokens, table):
+        s = Sequence("r", list(range(100, 100 + n_tokens)), SamplingParams())
+        s.num_computed_tokens, s.block_table = n_tokens - 1, table
+        return s
+    big = [(seq(n, list(range(30 + 5 * i, 30 + 5 * i + -(-n // 4)))), 1) for i, n in enumerate((3, 9, 17, 40, 64))]
+    for batch in (big, big[::-1][:3], big[:1]):                 # a smaller batch after a larger one: padding is reset
+        assert g.can_load(batch)
+        bs = g.load_decode(batch)
+        n = len(batch)
+        ids, meta, _ = ModelRunner.prepare(runner, batch)
+        assert bs == min(b for b in g.buckets if b >= n)
+        assert torch.equal(g.ids32[:n], ids.to(torch.int32))
+        assert torch.equal(g.positions[:n], meta.positions)
+        assert torch.equal(g.slot_mapping[:n], meta.slot_mapping)
+        assert torch.equal(g.context_lens[:n], meta.context_lens)
+        for r, c in enumerate(meta.ctx_lens):             # the blocks attention reads; the rest may be stale
+            assert torch.equal(g.block_tables[r, :-(-c // 4)], meta.block_tables[r, :-(-c // 4)])
+        assert (g.slot_mapping[n:bs] == -1).all() and (g.context_lens[n:bs] == 0).all()
+    assert not g.can_load([(seq(64, list(range(16))), 1), (seq(65, list(range(17))), 1)])   # past session_len

@@ -76,7 +76,8 @@ class DecodeGraphs:
         self.block_tables = tables.view(n, self.max_blocks)                               # [n, max_blocks]
         self.cu_seqlens = torch.arange(n + 1, **i32)
         if self.in_graph:   # two pinned host copies of `flat`, used in turn (a copy may still read the last one)
-            self.host = [torch.zeros(self.flat.shape, dtype=torch.int32).pin_memory() for _ in range(2)]
+            self.host = [torch.zeros(self.flat.shape, dtype=torch.int32, pin_memory=dev.type == "cuda")
+                         for _ in range(2)]
             self.host_np = [h.numpy() for h in self.host]
             self.turn = 0
 
