@@ -12,13 +12,13 @@ export PYTHONPATH=.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$d/gpu.txt" 2>&1
 
-timeout 150 python3 -m pytest -m gpu -q tests/test_kernels.py tests/test_gpu_engine.py \
+timeout 120 python3 -m pytest -m gpu -q tests/test_kernels.py tests/test_gpu_engine.py \
     -k "rotary_write_kv or fast_paths or in_graph or graphs_on_equals_off" > "$d/tests.txt" 2>&1
 echo "gpu tests rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/tests.txt"
 
 bench() {   # name, extra flags...
     local name=$1; shift
-    timeout 120 python3 scripts/bench_decode.py --model llama2-7b --hf none --cache-max-entry-count 0.3 \
+    timeout 100 python3 scripts/bench_decode.py --model llama2-7b --hf none --cache-max-entry-count 0.3 \
         --out "$d/$name.json" "$@" > "$d/$name.log" 2>&1
     echo "$name rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/runs.txt"
 }
