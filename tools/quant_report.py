@@ -4,8 +4,11 @@ W4A16 + KV int8, with perplexity through the engine, weight bytes and KV bytes p
     python -m tools.quant_report --model demo --work-dir workspace/quant
 
 Every step's output lands in WORK_DIR (statistics, checkpoints, results.json) and is reused on a re-run, so an
-interrupted report resumes. GPU columns (engine memory at a fixed number of sessions, bs=1 decode tok/s) are
-filled only when run with --device cuda.
+interrupted report resumes. The GPU columns (engine memory at a fixed number of sessions, bs=1 decode tok/s)
+come from a random-weight model of a real shape (tools/quant_gpu.py):
+
+    PYTHONPATH=. python3 -m tools.quant_report --gpu-shape llama2-7b --out $OUT/quant_gpu.json     # on the GPU
+    python -m tools.quant_report --merge-gpu quant_gpu.json --doc docs/quantization.md             # table -> doc
 """
 from __future__ import annotations
 
@@ -66,21 +69,26 @@ def run_evals(model_dir: str, models: dict, work: Path, groups: List[int], args)
     from .eval_ppl import eval_ppl
     res_path = work / "results.json"
     results = _load(res_path)
-    plan = [("fp", model_dir, "auto", None), ("fp + KV int8", model_dir, "int8", None),
-            ("fp + KV int4", model_dir, "int4", None), ("fp + KV int8 static", model_dir, "int8", models["kv_qparams"]),
-            ("fp + KV int4 static", model_dir, "int4", models["kv_qparams"])]
+    kvq = models["kv_qparams"]
+    plan = [("fp", model_dir, "auto", None, "auto"), ("fp + KV int8", model_dir, "int8", None, "auto"),
+            ("fp + KV int8 + rotation", model_dir, "int8", None, "hadamard"),
+            ("fp + KV int4 (rotated)", model_dir, "int4", None, "auto"),
+            ("fp + KV int4 unrotated", model_dir, "int4", None, "off"),
+            ("fp + KV int8 static", model_dir, "int8", kvq, "auto"), ("fp + KV int4 static", model_dir, "int4", kvq,
+                                                                      "auto")]
     for g in groups:
         for method in ("awq", "rtn"):
             if f"{method}_g{g}" in models:
-                plan.append((f"W4A16 {method.upper()} g{g}", models[f"{method}_g{g}"], "auto", None))
+                plan.append((f"W4A16 {method.upper()} g{g}", models[f"{method}_g{g}"], "auto", None, "auto"))
         if f"awq_g{g}" in models:
-            plan.append((f"W4A16 AWQ g{g} + KV int8", models[f"awq_g{g}"], "int8", None))
-    for label, path, kv, kvq in plan:
+            plan.append((f"W4A16 AWQ g{g} + KV int8", models[f"awq_g{g}"], "int8", None, "auto"))
+            plan.append((f"W4A16 AWQ g{g} + KV int4 (rotated)", models[f"awq_g{g}"], "int4", None, "auto"))
+    for label, path, kv, kvq, rot in plan:   # kv_rotation auto: Hadamard for int4 (backend/model/rotation.py)
         if label in results:
             continue
         log.info("eval %s ...", label)
         results[label] = eval_ppl(path, kv, args.windows, args.seqlen, kv_qparams=kvq, device=args.device,
-                                  batch=args.batch)
+                                  batch=args.batch, kv_rotation=rot)
         results[label]["label"] = label
         _save(res_path, results)
         log.info("  ppl %.4f (%ss)", results[label]["ppl"], results[label]["eval_seconds"])
@@ -88,17 +96,16 @@ def run_evals(model_dir: str, models: dict, work: Path, groups: List[int], args)
 
 
 def markdown(results: dict, models: dict, meta: dict) -> str:
+    """The CPU (accuracy) table; the GPU columns are a table of their own (tools/quant_gpu.py)."""
     base = results["fp"]["ppl"]
-    lines = ["| configuration | ppl | Δppl vs fp | weight MB (fp16 storage) | KV bytes / token | GPU engine memory | "
-             "GPU bs=1 decode tok/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | ppl | Δppl vs fp | weight MB (fp16 storage) | KV bytes / token |",
+             "|---|---|---|---|---|"]
     for label, r in results.items():
         d = 100 * (r["ppl"] / base - 1)
-        gpu_mem = r.get("gpu_engine_mib", "—")
-        tps = r.get("gpu_decode_tok_s", "—")
         lines.append(f"| {label} | {r['ppl']:.4f} | {d:+.2f}% | {r['weight_bytes'] / 2**20:.1f} | "
-                     f"{r['kv_bytes_per_token']} | {gpu_mem} | {tps} |")
+                     f"{r['kv_bytes_per_token']} |")
     for name, err in models["errors"].items():
-        lines.append(f"| W4A16 {name.replace('_', ' ').upper()} | n/a: {err} | | | | | |")
+        lines.append(f"| W4A16 {name.replace('_', ' ').upper()} | n/a: {err} | | | |")
     r0 = results["fp"]
     lines.append("")
     lines.append(f"ppl over {r0['tokens']} held-out tokens ({r0['windows']} windows x {r0['seqlen']}, seed "
@@ -119,8 +126,16 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0)
+    from .quant_gpu import add_args, merge_into_doc, run_gpu
+    add_args(ap)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.gpu_shape:           # GPU columns on a random-weight shape (tools/quant_gpu.py)
+        run_gpu(args.gpu_shape, args.out, args.gpu_new)
+        return 0
+    if args.merge_gpu:
+        merge_into_doc(args.merge_gpu, args.doc, args.gpu_command)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from .lite import _model_dir
