@@ -149,15 +149,14 @@ class DecodeGraphs:
         """Write the inputs of a decode batch (what prepare() builds) with one H2D copy; -> its bucket size."""
         n, bsz, mb, s = len(batch), self.runner.block_size, self.max_blocks, self.max_bs
         arr = self.host_np[self.turn]
-        for i, (seq, _) in enumerate(batch):
-            p = seq.num_computed_tokens
-            table = seq.block_table
-            arr[i] = seq.token_ids[p]
-            arr[s + i] = p
-            arr[2 * s + i] = table[p // bsz] * bsz + p % bsz
-            arr[3 * s + i] = p + 1
-            w = min(len(table), mb)
-            arr[4 * s + i * mb:4 * s + i * mb + w] = table[:w]
+        pos = [seq.num_computed_tokens for seq, _ in batch]
+        arr[:n] = [seq.token_ids[p] for (seq, _), p in zip(batch, pos)]
+        arr[s:s + n] = pos
+        arr[2 * s:2 * s + n] = [seq.block_table[p // bsz] * bsz + p % bsz for (seq, _), p in zip(batch, pos)]
+        arr[3 * s:3 * s + n] = [p + 1 for p in pos]
+        tables = arr[4 * s:4 * s + n * mb].reshape(n, mb)
+        for (seq, _), p, row in zip(batch, pos, tables):   # the blocks attention reads; the rest may be stale
+            row[:p // bsz + 1] = seq.block_table[:p // bsz + 1]
         bs = self.bucket(n)
         arr[2 * s + n:2 * s + bs] = -1                     # padded rows: no KV write, empty context
         arr[3 * s + n:3 * s + bs] = 0
