@@ -120,7 +120,15 @@ def over(pool, call):
 
 def sweep_configs():
     """Block configurations of the decode GEMV (w4a16_decode.DecodeConfig)."""
-    return [DecodeConfig(nt=nt, ks=ks, u=u) for nt in (1, 2) for ks in (4, 8, 16) for u in (1, 2, 4, 8)]
+    return [DecodeConfig(nt=1, ks=ks, u=u, l2pf=pf) for ks in (4, 8, 16) for u in (2, 4) for pf in (False, True)]
+
+
+def copy_pool(nbytes: int):
+    """Tensors whose copy moves `nbytes` (read + write), enough of them to overflow L2: the ceiling of a kernel
+    that streams that many bytes, timed the same way as the kernels (launch ramp and tail included)."""
+    n = max(2, -(-3 * l2_bytes() // nbytes))
+    return [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),
+             torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(n)]
 
 
 def profile_one(spec: str) -> None:
@@ -147,17 +155,21 @@ def bench_gemv(bw, groups, tokens, sweep):
                 ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
                 ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
+                copies = copy_pool(total)
+                ms_copy = graph_ms(over(copies, lambda ab: ab[1].copy_(ab[0])), len(copies))
+                del copies
                 cfg = w4a16_decode.default_config(N, K, group, 0)
                 rows.append(dict(K=K, N=N, group=group, M=M, config=cfg.__dict__, us=ms * 1e3,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
                                  ring_us=ms_ring * 1e3, ring_frac_copy_bw=total / (ms_ring / 1e3) / bw,
+                                 same_bytes_copy_us=ms_copy * 1e3, frac_same_bytes_copy=ms_copy / ms,
                                  fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
                 log.info("gemv %s", rows[-1])
-                if sweep and group == 128 and M in sweep:
+                if sweep and M in sweep:
                     for cfg in sweep_configs():
                         ms_c = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, cfg)),
                                         len(pool))
-                        sweeps.append(dict(K=K, N=N, M=M, config=cfg.__dict__, us=ms_c * 1e3,
+                        sweeps.append(dict(K=K, N=N, M=M, group=group, config=cfg.__dict__, us=ms_c * 1e3,
                                            frac_copy_bw=total / (ms_c / 1e3) / bw))
                         log.info("sweep %s", sweeps[-1])
             del pool
@@ -199,23 +211,27 @@ def markdown(res) -> str:
            f"Command: `{res['command']}`", "",
            "GEMV (fp16 activations): the decode kernel (w4a16_decode, what the dispatch runs at <= 8 tokens): time, "
            "achieved bandwidth, share of copy bandwidth; the ring GEMV (w4a16_gemv) and fp16 cuBLAS on the same shape.",
-           "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | ring GEMV us (% BW) | fp16 cuBLAS us | speed-up |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "A copy that moves the same bytes, timed the same way, is the ceiling at this size (launch ramp, tail).",
+           "", "| K x N | group | M | W4A16 us | GB/s | % copy BW | same-bytes copy us (W4A16 / it) | "
+           "ring GEMV us (% BW) | fp16 cuBLAS us | speed-up |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["gemv"]:
         out.append(f"| {r['K']}x{r['N']} | {r['group']} | {r['M']} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                   f"{100 * r['frac_copy_bw']:.0f}% | {r['ring_us']:.1f} ({100 * r['ring_frac_copy_bw']:.0f}%) | "
+                   f"{100 * r['frac_copy_bw']:.0f}% | {r['same_bytes_copy_us']:.1f} "
+                   f"({100 * r['frac_same_bytes_copy']:.0f}%) | {r['ring_us']:.1f} ({100 * r['ring_frac_copy_bw']:.0f}%) | "
                    f"{r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
     if res.get("gemv_sweep"):
-        out += ["", "Decode GEMV block configurations (group 128, fp16): the best of the sweep per shape and M.", "",
-                "| K x N | M | best (nt, ks, u) | us | % copy BW | configs tried |",
+        out += ["", "Decode GEMV block configurations (fp16): the best of the sweep per shape, group and M.", "",
+                "| K x N | group | M | best (nt, ks, u, l2pf) | us | % copy BW | configs tried |",
                 "| --- | --- | --- | --- | --- | --- |"]
-        keys = sorted({(r["K"], r["N"], r["M"]) for r in res["gemv_sweep"]})
-        for K, N, M in keys:
-            rs = [r for r in res["gemv_sweep"] if (r["K"], r["N"], r["M"]) == (K, N, M) and r["us"] == r["us"]]
+        keys = sorted({(r["K"], r["N"], r.get("group", 128), r["M"]) for r in res["gemv_sweep"]})
+        for K, N, G, M in keys:
+            rs = [r for r in res["gemv_sweep"]
+                  if (r["K"], r["N"], r.get("group", 128), r["M"]) == (K, N, G, M) and r["us"] == r["us"]]
             if rs:
                 b = min(rs, key=lambda r: r["us"])
                 c = b["config"]
-                out.append(f"| {K}x{N} | {M} | ({c['nt']}, {c['ks']}, {c['u']}) | "
+                out.append(f"| {K}x{N} | {G} | {M} | ({c['nt']}, {c['ks']}, {c['u']}, {int(c.get('l2pf', 0))}) | "
                            f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
     out += ["", "GEMM paths (group 128, fp16), TFLOP/s; `w4a16_linear` dispatches to the fastest W4A16 path per M.",
             "GEMM columns name the block tile (tokens x channels).", "",

@@ -4,7 +4,7 @@ Same runtime layout and the same mma.sync m16n8k16 dot products as `w4a16_gemv` 
 leaner data path and less arithmetic per weight, because at 1-8 tokens the kernel is bound by instruction issue
 (ncu on the ring kernel: ~160 instructions a lane per 512-byte chunk, 28-41% of copy bandwidth on an H200):
 - each lane loads its 16 bytes of a chunk with one non-caching vector load straight into registers, U chunks at
-  a time (U * 16 bytes in flight per lane); activations come from L1 (every weight tile re-reads the same x);
+  a time, the next batch in flight while one is computed; activations come from L1 (every tile re-reads them);
 - the mma multiplies (q - z), exact small integers in fp16/bf16, by x; the per-channel scale is applied to the
   fp32 partial sum once per group (4 FMAs a lane), not to every weight: 3 instructions a packed word fewer,
   and no fp16 rounding of the dequantized weight (the reference rounds it: differences are within that rounding).
@@ -25,12 +25,18 @@ from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 MAX_TOKENS = 8   # one 8-token mma tile
 
 _SOURCE = DEVICE_HELPERS + r"""
-// -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch)
+// -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
+// L2PF (weight loads ask L2 for 256-byte fetches)
 #define HALVES_PER_GROUP ((GROUP_SIZE) / 32)     // a lane's k-range of one chunk is two halves of 32
+#define GPB ((2 * U + HALVES_PER_GROUP - 1) / HALVES_PER_GROUP)   // groups a batch of U chunks touches
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {   // read once: do not pollute L1
     uint4 r;
+#if L2PF   // and have L2 fetch the whole 256-byte sector group (fewer, longer DRAM bursts)
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+#else
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+#endif
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
@@ -49,11 +55,35 @@ __device__ __forceinline__ float lo_to_float(u32 pair) { return act_to_float((u1
 __device__ __forceinline__ float hi_to_float(u32 pair) { return act_to_float((u16)(pair >> 16)); }
 
 // One packed word -> the A registers of one k-tile as (q - z): exact small integers (rows g: zlo, g+8: zhi).
-__device__ __forceinline__ void q_minus_z(u32 w, u32 zlo, u32 zhi, u32 a[4]) {
-    a[0] = sub2((w & 0x000F000Fu) | MAGIC, zlo);
-    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, zhi);
-    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, zlo);
-    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, zhi);
+// fp16: nibbles 1/5 and 3/7 are masked in place (0x00F0: 1024 + 16q) and fixed by one fma (/16, -(64 + z)), so a
+// word costs 1 shift + 4 lop3 + 4 half2 ops; bf16 (7 mantissa bits) shifts every nibble pair down instead.
+struct Zeros { u32 lo, hi, hi16; };
+
+__device__ __forceinline__ Zeros zeros_of(u32 zb) {
+    Zeros z;
+    z.lo = (MAGIC16 | (zb & 15u)) * 0x10001u;
+    z.hi = (MAGIC16 | (zb >> 4)) * 0x10001u;
+    z.hi16 = (0xD400u | ((zb >> 4) << 4)) * 0x10001u;    // fp16 -(64 + z_hi) in both halves
+    return z;
+}
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+
+__device__ __forceinline__ void q_minus_z(u32 w, const Zeros& z, u32 a[4]) {
+#if IS_BF16
+    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
+    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, z.hi);
+    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, z.lo);
+    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, z.hi);
+#else
+    const u32 w8 = w >> 8;
+    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
+    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi16);    // 0x2C00 = 1/16
+    a[2] = sub2((w8 & 0x000F000Fu) | MAGIC, z.lo);
+    a[3] = fma2((w8 & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi16);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(KS * 32)
@@ -86,49 +116,76 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
 
+    // weights, zero points and scales of the next batch are in flight while this one is computed
+    uint4 wnext[U][NT];
+    u32 znext[NT][GPB], snext[NT][GPB];
+    auto load_batch = [&](int cb) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+                wnext[u][j] = cb + u < c_end ? ld_stream(wsrc[j] + (size_t)(cb + u) * 32) : u4(0, 0, 0, 0);
+#pragma unroll
+        for (int gi = 0; gi < GPB; ++gi) {
+            const int cc = cb + ((gi * HALVES_PER_GROUP) >> 1), h = (gi * HALVES_PER_GROUP) & 1;
+            const int grp = cc < c_end ? (cc * 64 + 32 * h) / GROUP_SIZE : 0;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                znext[j][gi] = ld_u8(zsrc[j] + grp * 8);
+                snext[j][gi] = ld_u32(ssrc[j] + grp * 8);
+            }
+        }
+    };
+    load_batch(c0);
+
     for (int c = c0; c < c_end; c += U) {
         uint4 w[U][NT], xv[U][2];
+        u32 zcur[NT][GPB], scur[NT][GPB];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) w[u][j] = wnext[u][j];
+#pragma unroll
+            for (int gi = 0; gi < GPB; ++gi) { zcur[j][gi] = znext[j][gi]; scur[j][gi] = snext[j][gi]; }
+        }
+        if (c + U < c_end) load_batch(c + U);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int cc = c + u;
-            const bool ok = cc < c_end;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) w[u][j] = ok ? ld_stream(wsrc[j] + (size_t)cc * 32) : u4(0, 0, 0, 0);
-            xv[u][0] = ok && has_row ? ld_cached(xrow + cc * 64) : u4(0, 0, 0, 0);
-            xv[u][1] = ok && has_row ? ld_cached(xrow + cc * 64 + 32) : u4(0, 0, 0, 0);
+            const bool ok = c + u < c_end && has_row;
+            xv[u][0] = ok ? ld_cached(xrow + (c + u) * 64) : u4(0, 0, 0, 0);
+            xv[u][1] = ok ? ld_cached(xrow + (c + u) * 64 + 32) : u4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
-            float part[4] = {0.f, 0.f, 0.f, 0.f};
-            u32 zlo = 0, zhi = 0, spair = 0;
+            float part[2][4];                                 // two independent mma chains (k-tile parity)
+#pragma unroll
+            for (int r = 0; r < 8; ++r) part[r >> 2][r & 3] = 0.f;
+            Zeros z = zeros_of(0);
+            u32 spair = 0;
 #pragma unroll
             for (int hc = 0; hc < 2 * U; ++hc) {             // half-chunks of 32 k
                 const int u = hc >> 1, h = hc & 1;
-                const int cc = c + u;
-                const bool ok = cc < c_end;
-                if (hc % HALVES_PER_GROUP == 0 && ok) {      // a group starts: its zero points and scales
-                    const int grp = (cc * 64 + 32 * h) / GROUP_SIZE;
-                    const u32 zb = ld_u8(zsrc[j] + grp * 8);
-                    zlo = (MAGIC16 | (zb & 15u)) * 0x10001u;
-                    zhi = (MAGIC16 | (zb >> 4)) * 0x10001u;
-                    spair = ld_u32(ssrc[j] + grp * 8);
+                const bool ok = c + u < c_end;
+                if (hc % HALVES_PER_GROUP == 0) {            // a group starts
+                    z = zeros_of(zcur[j][hc / HALVES_PER_GROUP]);
+                    spair = scur[j][hc / HALVES_PER_GROUP];
                 }
 #pragma unroll
                 for (int jj = 0; jj < 2; ++jj) {
                     u32 a[4];
-                    q_minus_z(word_of(w[u][j], 2 * h + jj), zlo, zhi, a);
-                    mma16816(part, a, word_of(xv[u][h], 2 * jj), word_of(xv[u][h], 2 * jj + 1));
+                    q_minus_z(word_of(w[u][j], 2 * h + jj), z, a);
+                    mma16816(part[jj], a, word_of(xv[u][h], 2 * jj), word_of(xv[u][h], 2 * jj + 1));
                 }
                 if ((hc + 1) % HALVES_PER_GROUP == 0 || hc + 1 == 2 * U) {   // the group ends: scale, flush
                     if (ok) {
                         const float slo = lo_to_float(spair), shi = hi_to_float(spair);
-                        acc[j][0] += slo * part[0];
-                        acc[j][1] += slo * part[1];
-                        acc[j][2] += shi * part[2];
-                        acc[j][3] += shi * part[3];
+                        acc[j][0] += slo * (part[0][0] + part[1][0]);
+                        acc[j][1] += slo * (part[0][1] + part[1][1]);
+                        acc[j][2] += shi * (part[0][2] + part[1][2]);
+                        acc[j][3] += shi * (part[0][3] + part[1][3]);
                     }
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) part[r] = 0.f;
+                    for (int r = 0; r < 8; ++r) part[r >> 2][r & 3] = 0.f;
                 }
             }
         }
@@ -161,10 +218,11 @@ class DecodeConfig:
     nt: int = 1   # n-tiles (16 channels) per block
     ks: int = 8   # warps per block, splitting K into contiguous whole-group ranges
     u: int = 4    # chunks of 64 k loaded per batch (u * 16 bytes in flight a lane per n-tile)
+    l2pf: bool = False   # weight loads with the .L2::256B prefetch hint
 
     def options(self, dtype: torch.dtype, group_size: int):
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DNT={self.nt}",
-                f"-DKS={self.ks}", f"-DU={self.u}")
+                f"-DKS={self.ks}", f"-DU={self.u}", f"-DL2PF={int(self.l2pf)}")
 
     def per_warp(self, K: int, group_size: int) -> int:
         """Chunks of 64 per warp, rounded up to whole groups (a warp's range never splits a group)."""
@@ -179,13 +237,14 @@ def _sm_count(device: int) -> int:
 
 
 def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
-    """Enough warps for about 32 per SM in one wave: one n-tile a block, K split over up to 16 warps."""
+    """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
+    8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)."""
     sm = _sm_count(device)
     ntiles, nchunks = N // 16, K // 64
-    ks = 16
-    while ks > 1 and (ntiles * ks > sm * 32 or nchunks < 2 * ks):
+    ks = 8
+    while ks > 1 and nchunks < 2 * ks:
         ks //= 2
-    return DecodeConfig(nt=1, ks=ks, u=4 if group_size != 32 else 2)
+    return DecodeConfig(nt=1, ks=ks, u=2 if ntiles * ks > 32 * sm or group_size == 32 else 4)
 
 
 def supports_tokens(M: int) -> bool:
