@@ -42,7 +42,8 @@ LLAMA2_70B = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=8192, num_laye
                                  intermediate_size=28672)
 # CPU smoke runs of the W4A16 path at tp=2: every split a multiple of the group size 128
 TINY_AWQ = dataclasses.replace(SHAPES["tiny"], hidden_size=256, head_dim=64, intermediate_size=512)
-MODELS = {"tiny": SHAPES["tiny"], "tiny-awq": TINY_AWQ, "llama2-7b": SHAPES["llama2-7b"], "llama3-8b": SHAPES["llama3-8b"],
+MODELS = {"tiny": SHAPES["tiny"], "tiny-awq": TINY_AWQ, "llama2-7b": SHAPES["llama2-7b"],
+          "llama3-8b": SHAPES["llama3-8b"],
           "llama2-70b": LLAMA2_70B}
 
 
@@ -250,7 +251,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     doc = {"command": "scripts/bench_tp.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
            "device": torch.cuda.get_device_name() + f" x{torch.cuda.device_count()}" if torch.cuda.is_available()
-           else "CPU", "decode": [], "allreduce": []}
+           else "CPU", "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "decode": [], "allreduce": []}
     doc["ipc"] = ipc_cost()
     save(doc, args.out)
     if not args.ipc_only:
