@@ -17,6 +17,7 @@ METRICS_PORT ?= 8002
 API_PORT ?= 23333
 PYTEST_ARGS ?=
 PARAM ?=              # config.pbtxt parameters for convert: PARAM='session_len=8192 instance_count=2'
+KV_QPARAMS ?=         # static KV parameters for convert (`lmtriton lite kv_qparams`), with KV=int8 | int4
 BENCH_DIR ?= $(WORKSPACE)/bench
 BENCH_ARGS ?=
 PERF_ARGS ?=
@@ -41,7 +42,7 @@ demo-model: install
 convert: install
 	$(VPY) -m tools.cli convert --model $(MODEL) --name $(NAME) --workspace $(WORKSPACE) \
 	  $(if $(DTYPE),--dtype $(DTYPE)) $(if $(KV),--kv $(KV)) $(if $(QUANT),--quant $(QUANT)) --tp $(TP) \
-	  $(foreach p,$(PARAM),--param $(p))
+	  $(if $(KV_QPARAMS),--kv-qparams $(KV_QPARAMS)) $(foreach p,$(PARAM),--param $(p))
 
 serve: install
 	$(VPY) -m scripts.launch_triton_server --model-repository $(WORKSPACE)/model_repository \

@@ -35,8 +35,10 @@ ENGINE_DEFAULTS = {
     "engine_python": "", "engine_start_timeout": 600, "dtype": "auto", "device": "auto", "session_len": 4096,
     "max_batch_size": 64, "cache_max_entry_count": 0.8, "cache_block_seq_len": 64, "max_prefill_token_num": 8192,
     "enable_prefix_caching": True, "kv_cache_dtype": "auto", "rope_scaling_factor": 0.0, "use_logn_attn": False,
-    "tp": 1, "use_cuda_graph": True, "session_ttl": 3600.0, "cpu_kv_blocks": 0,
+    "tp": 1, "use_cuda_graph": True, "session_ttl": 3600.0, "cpu_kv_blocks": 0, "kv_qparams": "",
+    "kv_rotation": "auto",
 }
+KV_QPARAMS_FILE = "kv_qparams.json"     # copied into the workspace; config.pbtxt names it relative to the model
 FRONTEND_DEFAULTS = {"default_max_tokens": 256, "cancel_check_interval": 0.1}
 TRITON_DEFAULTS = {"triton_max_batch_size": 256, "instance_count": 1, "max_candidate_sequences": 1024}
 
@@ -107,6 +109,18 @@ def write_repository(workspace: Path, name: str, engine: dict, frontend: dict, t
     return repo
 
 
+def copy_kv_qparams(path: Path, workspace: Path, cfg: ModelConfig, kv_dtype: str, tp: int) -> str:
+    """Validate static KV parameters against the model and copy them into the workspace -> the config.pbtxt value.
+    Under tp > 1 the file keeps every head: each rank loads its heads' share (backend/engine/tp.py)."""
+    from backend.kernels.kv_static import load_kv_qparams
+    try:
+        load_kv_qparams(path, cfg.num_layers, cfg.num_kv_heads // tp, kv_dtype, 0, tp)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"kv_qparams: {e}") from None
+    shutil.copy(path, workspace / KV_QPARAMS_FILE)
+    return f"../../{KV_QPARAMS_FILE}"
+
+
 def quantize_awq(src: Path, workspace: Path) -> Path:
     try:
         from tools import awq
@@ -118,7 +132,8 @@ def quantize_awq(src: Path, workspace: Path) -> Path:
 
 
 def convert(model: str, workspace, name: str = "llm", dtype: Optional[str] = None, kv: Optional[str] = None,
-            quant: Optional[str] = None, tp: int = 1, params: Optional[dict] = None) -> Path:
+            quant: Optional[str] = None, tp: int = 1, params: Optional[dict] = None,
+            kv_qparams: Optional[str] = None) -> Path:
     """Write weights/, tokenizer/ and model_repository/ under `workspace`; returns the repository path."""
     if str(model) == "demo":
         from tools.gguf import ensure_demo_model
@@ -140,12 +155,23 @@ def convert(model: str, workspace, name: str = "llm", dtype: Optional[str] = Non
             target[k] = (str(v).lower() in ("1", "true", "yes")) if isinstance(target[k], bool) else type(target[k])(v)
         except ValueError:
             raise SystemExit(f"--param {k}={v!r}: expected a {type(target[k]).__name__}") from None
-    EngineConfig.from_dict({k: v for k, v in engine.items()     # validate now, not when the server loads
-                            if k not in ("engine_python", "engine_start_timeout")})
+    if kv_qparams:
+        engine["kv_qparams"] = str(kv_qparams)
+    kvq = Path(engine["kv_qparams"]) if engine["kv_qparams"] else None
+    if kvq is not None and not kvq.is_file():
+        raise SystemExit(f"kv_qparams {kvq}: no such file (write it with `lmtriton lite kv_qparams`)")
+    try:
+        EngineConfig.from_dict({k: v for k, v in engine.items()     # validate now, not when the server loads
+                                if k not in ("engine_python", "engine_start_timeout")})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if quant == "awq":      # after every argument is validated: quantizing takes minutes
         src = quantize_awq(src, workspace)
     cfg = ModelConfig.load(src)
     check_tp(cfg, tp)      # heads, and AWQ packing / group alignment of every rank's slice
+    if kvq is not None:    # before the weights: a mismatched file fails in a second, not after the conversion
+        workspace.mkdir(parents=True, exist_ok=True)
+        engine["kv_qparams"] = copy_kv_qparams(kvq, workspace, cfg, engine["kv_cache_dtype"], tp)
     write_weights(src, workspace / "weights", cfg, dtype)
     write_tokenizer(src, workspace / "tokenizer")
     repo = write_repository(workspace, name, engine, frontend, triton)
@@ -162,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv", default=None, choices=["int8", "int4"], help="quantized KV cache")
     ap.add_argument("--quant", default=None, help="awq: 4-bit weights via tools/awq.py")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--kv-qparams", default=None, help="static KV parameters (`lmtriton lite kv_qparams`), copied "
+                    "into the workspace; needs --kv int8 | int4")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="any config.pbtxt parameter, e.g. session_len=8192 instance_count=2")
     args = ap.parse_args(argv)
@@ -172,7 +200,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--param expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
         params[k] = v
-    repo = convert(args.model, args.workspace, args.name, args.dtype, args.kv, args.quant, args.tp, params)
+    repo = convert(args.model, args.workspace, args.name, args.dtype, args.kv, args.quant, args.tp, params,
+                   args.kv_qparams)
     print(f"model repository: {repo}\nserve it with: make serve WORKSPACE={Path(args.workspace)}")
     return 0
 

@@ -81,13 +81,20 @@ def _build_rank(config: EngineConfig, model_cfg: ModelConfig, weights: Optional[
     local = dataclasses.replace(config, tp=1, use_cuda_graph=False)
     if num_blocks is not None:
         local = dataclasses.replace(local, cache_max_entry_count=float(num_blocks))
+    if config.kv_qparams:     # static KV: the file has every head; this rank loads its share below
+        local = dataclasses.replace(local, kv_qparams="", kv_rotation="off")
     runner = ModelRunner(local, shard_config(model_cfg, rank, tp), shard)
+    if config.kv_qparams:
+        from ..kernels.kv_static import load_kv_qparams
+        c = runner.model_cfg
+        runner.model.kv_qparams = load_kv_qparams(config.kv_qparams, c.num_layers, c.num_kv_heads,
+                                                  config.kv_cache_dtype, rank, tp).to(runner.device)
     runner.model.all_reduce = _all_reduce
     return runner
 
 
 def _capture_graphs(runner: ModelRunner, config: EngineConfig) -> None:
-    if runner.device.type == "cuda" and config.use_cuda_graph:
+    if runner.device.type == "cuda" and config.use_cuda_graph and not config.kv_qparams:   # static KV: eager
         from .cuda_graph import DecodeGraphs
         runner.graphs = DecodeGraphs(runner)     # warm-up and capture all-reduce on every rank in the same order
 
@@ -195,8 +202,6 @@ class TPRunner:
         if weights is not None and not callable(weights) and not isinstance(weights, RankWeights):
             raise ValueError("tp > 1 takes weights from config.model or from a picklable factory "
                              "(weights() -> full-model dict, called in every rank), not a dict")
-        if config.kv_qparams:
-            raise ValueError("kv_qparams (static KV scales) is not supported with tp > 1 yet")
         self.config = config
         self.model_cfg = model_cfg or ModelConfig.load(config.model)
         check_tp(self.model_cfg, config.tp)

@@ -18,8 +18,12 @@ from .kv_cache import QMAX, KVLayer
 FORMAT = "lmtriton-kv-qparams-v1"
 
 
-def load_kv_qparams(path, num_layers: int, num_kv_heads: int, kv_dtype: str) -> torch.Tensor:
-    """-> float32 [L, 2 (k, v), Hk, 2 (scale, zero)] for kv_dtype int8 | int4; errors name what does not fit."""
+def load_kv_qparams(path, num_layers: int, num_kv_heads: int, kv_dtype: str, rank: int = 0,
+                    tp: int = 1) -> torch.Tensor:
+    """-> float32 [L, 2 (k, v), Hk, 2 (scale, zero)] for kv_dtype int8 | int4; errors name what does not fit.
+
+    Under tensor parallelism num_kv_heads is the rank's share: the file holds all tp * num_kv_heads heads and rank
+    r takes heads [r * Hk, (r + 1) * Hk), the heads its shard of the K / V projections computes (model/tp.py)."""
     if kv_dtype not in QMAX:
         raise ValueError(f"kv_qparams needs kv_cache_dtype int8 or int4, got {kv_dtype!r}")
     p = Path(path)
@@ -28,18 +32,19 @@ def load_kv_qparams(path, num_layers: int, num_kv_heads: int, kv_dtype: str) -> 
     d = json.loads(p.read_text())
     if d.get("format") != FORMAT:
         raise ValueError(f"{p} is not a {FORMAT} file (format={d.get('format')!r})")
-    if d.get("num_layers") != num_layers or d.get("num_kv_heads") != num_kv_heads:
+    total = num_kv_heads * tp
+    if d.get("num_layers") != num_layers or d.get("num_kv_heads") != total:
         raise ValueError(f"{p} is for {d.get('num_layers')} layers x {d.get('num_kv_heads')} KV heads, the model has "
-                         f"{num_layers} x {num_kv_heads}")
-    out = torch.empty(num_layers, 2, num_kv_heads, 2)
+                         f"{num_layers} x {total}")
+    out = torch.empty(num_layers, 2, total, 2)
     for j, name in enumerate(("k", "v")):
         lo = torch.tensor(d[f"{name}_min"], dtype=torch.float32)                  # [L, Hk]
         hi = torch.tensor(d[f"{name}_max"], dtype=torch.float32)
-        if lo.shape != (num_layers, num_kv_heads) or hi.shape != lo.shape or bool((hi < lo).any()):
-            raise ValueError(f"{p}: {name}_min / {name}_max must be [{num_layers}][{num_kv_heads}] with min <= max")
+        if lo.shape != (num_layers, total) or hi.shape != lo.shape or bool((hi < lo).any()):
+            raise ValueError(f"{p}: {name}_min / {name}_max must be [{num_layers}][{total}] with min <= max")
         out[:, j, :, 0] = ((hi - lo) / QMAX[kv_dtype]).clamp_min(1e-8)
         out[:, j, :, 1] = lo
-    return out
+    return out[:, :, rank * num_kv_heads:(rank + 1) * num_kv_heads].contiguous()
 
 
 def quantize_static(x: torch.Tensor, params: torch.Tensor, kv_dtype: str) -> torch.Tensor:

@@ -156,6 +156,8 @@ def engine_config_from_parameters(params: dict, model_dir: str) -> dict:
                 out[f.name] = type(default)(raw)
         except ValueError:
             raise ValueError(f"config.pbtxt parameter {f.name}={raw!r} is not a valid {type(default).__name__}")
+    if out.get("kv_qparams"):           # a file of the workspace, named relative to the model like weights_dir
+        out["kv_qparams"] = os.path.normpath(os.path.join(model_dir, out["kv_qparams"]))
     unknown = sorted(set(params) - set(out) - _NOT_ENGINE)
     if unknown:
         raise ValueError(f"config.pbtxt has unknown parameters {unknown}")
