@@ -22,6 +22,7 @@ bench() {   # name, extra flags...
         --out "$d/$name.json" "$@" > "$d/$name.log" 2>&1
     echo "$name rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/runs.txt"
 }
+timeout 60 python3 scripts/bench_host_step.py --out "$d/host_step.json" > "$d/host_step.log" 2>&1
 ON="--decode-step-in-graph --fuse-rope-kv"
 bench fp16_off
 bench fp16_on $ON
@@ -44,6 +45,11 @@ for f in sorted(d.glob("*.json")):
     print(f"{f.stem:18} {a['tok_s']:9.1f} {a['step_ms']:8.3f} {a.get('graph_replay_ms', 0):9.3f} "
           f"{a['step_ms'] - a.get('graph_replay_ms', 0):8.3f} {b['tok_s']:10.0f} {b['step_ms']:8.3f} "
           f"{b.get('graph_replay_ms', 0):9.3f}")
+h = d / "host_step.json"
+if h.exists():
+    for r in json.loads(h.read_text()):
+        print(f"host, no model, bs={r['batch']}: engine step {r['engine_step_us']:.0f} us, prepare() "
+              f"{r['prepare_us']:.0f} us, load_decode {r['load_decode_us']:.0f} us")
 print("replay ms with --decode-step-in-graph includes lm_head + argmax (outside the graph without it)")
 EOF
 tar czf "$out/decode_fast_paths.tgz" -C "$out" decode_fast_paths && rm -rf "$d"
