@@ -24,6 +24,7 @@ rm -rf "$R"
 mkdir -p "$R" "$OUT"
 export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # never NVLink multicast
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 T0=$SECONDS
 
 step() {   # step NAME SECONDS CMD...: log to $R/NAME.log; TERM to the step's process group at SECONDS (cut to what

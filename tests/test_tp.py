@@ -8,6 +8,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -190,10 +191,14 @@ def test_gpu_tp2_equals_tp1_llama3_8b_shape():
     kw = dict(device="cuda", dtype="float16", session_len=256, max_batch_size=8, cache_max_entry_count=64,
               cache_block_seq_len=64)
     outs, logits = {}, {}
-    for tp in (1, 2):
+    for tp in (1, 2):                 # progress lines: a run cut short by its time limit shows where it stopped
+        t0 = time.perf_counter()
         engine = LLMEngine(EngineConfig(tp=tp, **kw), model_cfg=cfg, weights=factory() if tp == 1 else factory)
+        print(f"tp={tp}: engine built in {time.perf_counter() - t0:.1f} s", flush=True)
         outs[tp], logits[tp] = _generate(engine, max_tokens=16)
+        t0 = time.perf_counter()
         engine.close()
+        print(f"tp={tp}: generated; closed in {time.perf_counter() - t0:.1f} s", flush=True)
         del engine
         gc.collect()                  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache()
