@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
 
+from .awq_refine import refine_groups
 from .awq_search import gram, quantize_rtn, search_clip, search_scale
 from .calibrate import calib_windows, calibrate, load_stats
 from .layerwise import LayerwiseCheckpoint, layer_forward
@@ -29,7 +30,7 @@ from .quant_family import QuantFamily
 
 log = logging.getLogger(__name__)
 
-METHODS = ("awq", "rtn")
+METHODS = ("awq", "rtn", "awq_refine")   # awq_refine: + tools/awq_refine.py (scale / zero / codes per group)
 
 
 def valid_group_sizes(in_features) -> list:
@@ -66,7 +67,7 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
     sig = dict(sigmas or {})
     inp_of = {lin: g.inp for g in fam.groups for lin in g.linears}
     report = []
-    if method == "awq":
+    if method != "rtn":
         for g in fam.groups:
             ws = [w[lin + ".weight"] for lin in g.linears]
             prev = w[g.prev + ".weight"]
@@ -87,9 +88,11 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
     for lin in fam.linears:
         weight = w[lin + ".weight"]
         clip = None
-        if method == "awq" and lin not in fam.no_clip:
+        if method != "rtn" and lin not in fam.no_clip:
             clip = search_clip(weight, sig[inp_of[lin]], group_size, n_grid)
         codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
+        if method == "awq_refine":
+            codes, scales, zeros = refine_groups(weight, codes, scales, zeros, sig[inp_of[lin]], group_size)
         out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
         out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
         out[lin + ".scales"] = scales.t().contiguous()                    # [in / g, out] fp16
@@ -132,7 +135,7 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
     group_size = check_quant_args(ckpt, w_bits, group_size)
     out_dir = Path(out_dir)
     stats, x = None, None
-    if method == "awq":
+    if method != "rtn":
         if calib is None:
             calibrate(model_dir, out_dir, samples=32, seqlen=512, progress=progress)
             calib = out_dir

@@ -1,0 +1,61 @@
+"""A refinement of AWQ's integer-zero groups (method "awq_refine"): per (output channel, group), alternate
+  codes  q = clamp(round(w / s) + z, 0, 15)                    (given s, z)
+  scale  s = argmin_s (s (q - z) - w)^T B (s (q - z) - w)      (closed form, then rounded to fp16)
+  zero   z = clamp(round(z*), 0, 15), z* the continuous optimum (given q, s)
+with B the group's diagonal block of the input moments Sigma (the activation-weighted output error of
+tools/awq_search.py restricted to the group), keeping per group whichever iterate had the smallest error.
+It starts from AWQ's clipped round-to-nearest (scale search and clip search unchanged), so it never does worse
+on that objective. The checkpoint format is unchanged (fp16 scales, integer zeros).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .awq_search import QMAX4
+
+
+def _blocks(sigma: torch.Tensor, group_size: int) -> torch.Tensor:
+    ng = sigma.shape[0] // group_size
+    idx = torch.arange(ng)
+    return sigma.reshape(ng, group_size, ng, group_size)[idx, :, idx, :].float()   # [ng, g, g]
+
+
+def _err(d: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("oni,nij,onj->on", d, b, d)                               # [out, ng]
+
+
+def refine_groups(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  sigma: torch.Tensor, group_size: int, iters: int = 6
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] (the weight AWQ quantized, after its scaling; unclipped), quantize_rtn's (codes, scales,
+    zeros), sigma [in, in] -> refined (codes, scales, zeros) in the same dtypes and shapes."""
+    out_f, in_f = w.shape
+    ng = in_f // group_size
+    b = _blocks(sigma, group_size)
+    wg = w.float().reshape(out_f, ng, group_size)
+    q = codes.float().reshape(out_f, ng, group_size)
+    s, z = scales.float(), zeros.float()                                           # [out, ng]
+    best_err = _err(s[..., None] * (q - z[..., None]) - wg, b)
+    best_q, best_s, best_z = q.clone(), s.clone(), z.clone()
+    bsum = b.sum(-1)                                                               # [ng, g]: B 1
+    for _ in range(iters):
+        # scale given codes and zero
+        u = q - z[..., None]                                                       # [out, ng, g]
+        bu = torch.einsum("nij,onj->oni", b, u)
+        num, den = (wg * bu).sum(-1), (u * bu).sum(-1)
+        s = torch.where(den > 0, num / den.clamp_min(1e-30), s).clamp_min(1e-5).half().float()
+        # zero given codes and scale: d(z) = s q - w - s z 1 -> z* = 1^T B (s q - w) / (s 1^T B 1)
+        r = s[..., None] * q - wg
+        zc = torch.einsum("ni,oni->on", bsum, r) / (s * bsum.sum(-1)).clamp_min(1e-30)
+        z = torch.round(zc).clamp(0, QMAX4)
+        # codes given scale and zero
+        q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, QMAX4)
+        err = _err(s[..., None] * (q - z[..., None]) - wg, b)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q = torch.where(better[..., None], q, best_q)
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+    return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.to(torch.uint8))
