@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="HF model directory (fp weights) or 'demo'")
     a.add_argument("--w-bits", type=int, default=4)
     a.add_argument("--w-group-size", type=int, default=128)
-    a.add_argument("--method", default="awq", choices=["awq", "rtn"], help="rtn: round-to-nearest, no search")
+    a.add_argument("--method", default="awq", choices=["awq", "rtn", "awq_refine"],
+                   help="rtn: round-to-nearest, no search; awq_refine: awq + per-group scale / zero refinement")
     a.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens the searches look at")
     a.add_argument("--calib-dir", default=None, help="where `calibrate` wrote its statistics (default: --work-dir)")
     a.add_argument("--work-dir", required=True, help="output: the quantized checkpoint")
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             from .awq import quantize_model
             calib = args.calib_dir or args.work_dir
             out = quantize_model(_model_dir(args.model), args.work_dir, args.w_bits, args.w_group_size,
-                                 calib if args.method == "awq" else None, args.method, args.search_tokens)
+                                 calib if args.method != "rtn" else None, args.method, args.search_tokens)
         else:
             from .kv_qparams import write_kv_qparams
             out = write_kv_qparams(args.work_dir, args.out)
