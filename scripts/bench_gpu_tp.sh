@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Tensor parallelism on 2 GPUs (issue 8) in one device call (kind nvidia-h200-x2, ~6 min, 9 at most); results in
 # $OUT/tp_gpu.tgz, rewritten after each step (scripts/tp_gpu_report.py turns them into docs/benchmarks.md rows):
-#   1. tests: tp=2 greedy tokens == tp=1, random Llama-3-8B shape (8 layers), NCCL + CUDA graphs; runtime-layout W4A16
+#   1. tests: tp=2 greedy tokens == tp=1, random Llama-3-8B shape (32 layers), NCCL + CUDA graphs; runtime-layout W4A16
 #   2. decode tok/s tp=1 vs tp=2, bs 1 and 64, Llama-2-70B shape W4A16 (random int4 made per rank in the kernels'
 #      layout), and the all-reduce time of one decode step
 #   3. tritonserver serving the Llama-2-7B shape (fp16, random) with tp=2 over both GPUs: lmtriton bench serving at
@@ -64,6 +64,7 @@ else
   SHAPE=llama2-7b; AWQ=llama2-70b; DT=float16; BENCH_ARGS="--batches 1,64 --new 64"
   SERVE_ARGS="--num-prompts 24 --concurrency 1,16 --max-output-len 128"
   TESTS=(-m gpu -o faulthandler_timeout=120)
+  export TP_TEST_LAYERS=32      # the whole Llama-3-8B shape (the test's default is 8 layers)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/gpus.txt"
   nvidia-smi topo -m >> "$R/gpus.txt" 2>&1
   # in the background while steps 1-2 use the GPUs: tritonserver unpacked, the 7B workspace written on CPU

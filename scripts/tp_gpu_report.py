@@ -33,7 +33,7 @@ def tests_section(d: Path) -> List[str]:
     steps = _read(d, "steps.txt")
     rc = re.search(r"== tests (rc=\d+ \d+s)", steps)
     lines = ["GPU tests (`python3 -m pytest -m gpu tests/test_tp.py tests/test_w4a16_runtime_only.py`, random "
-             "Llama-3-8B shape with 8 layers, 2 prompts x 16 greedy tokens, NCCL + CUDA graphs):"]
+             "Llama-3-8B shape (TP_TEST_LAYERS=32), 2 prompts x 16 greedy tokens, NCCL + CUDA graphs):"]
     lines.append(f"- {verdict[0] if verdict else 'no verdict line in tests.log'}; pytest: "
                  f"{summary[-1] if summary else 'no summary (' + (rc.group(1) if rc else 'not run') + ')'}")
     if "Timeout" in log or "Thread 0x" in log:
