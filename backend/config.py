@@ -52,9 +52,10 @@ class EngineConfig:
     cpu_kv_blocks: int = 0               # CPU device: block count when cache_max_entry_count <= 1 (0 = derive)
     kv_qparams: str = ""                 # static per-head KV scales (`lmtriton lite kv_qparams`); needs int8/int4
     kv_rotation: str = "auto"            # auto (Hadamard for online int4 KV) | hadamard | off: model/rotation.py
-    # decode fast paths (GPU, issue 4): off until measured on the device
-    decode_step_in_graph: bool = False   # decode inputs in one H2D copy; lm_head + greedy argmax inside the graph
-    fuse_rope_kv: bool = False           # one kernel for rotary + KV write (+ quantization): kernels/rotary_kv.py
+    # decode fast paths (GPU, issue 4); measured on an H200 (docs/benchmarks.md): Llama-2-7B bs=1 fp16 210 -> 227
+    # tok/s, W4A16 + KV int8 365 -> 413 tok/s. Switch off to compare or to rule them out.
+    decode_step_in_graph: bool = True    # decode inputs in one H2D copy; lm_head + greedy argmax inside the graph
+    fuse_rope_kv: bool = True            # one kernel for rotary + KV write (+ quantization): kernels/rotary_kv.py
 
     def __post_init__(self):
         if self.quant_policy is not None:

@@ -32,10 +32,16 @@ SHAPES: Dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                              intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                              max_position_embeddings=8192, eos_token_ids=[128001], **_LLAMA),
+    # tensor-parallel benchmarks (W4A16: 35 GB of int4, made per rank on its GPU: backend/model/random_model.py)
+    "llama2-70b": ModelConfig(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                              intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096,
+                              eos_token_ids=[2], **_LLAMA),
     # CPU tests of the random-weight path: a few layers of a small Llama
     "tiny": ModelConfig(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                         intermediate_size=256, vocab_size=512, eos_token_ids=[2], **_LLAMA),
 }
+# W4A16 at tp=2 on CPU: every split a multiple of the group size 128
+SHAPES["tiny-awq"] = replace(SHAPES["tiny"], hidden_size=256, head_dim=64, intermediate_size=512)
 AWQ_GROUP_SIZE = 128
 
 
@@ -52,9 +58,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache: fraction of free GPU memory (<= 1) or a block count (> 1)")
     g.add_argument("--max-batch-size", type=int, default=None)
     g.add_argument("--no-cuda-graph", action="store_true")
-    g.add_argument("--decode-step-in-graph", action="store_true",
-                   help="decode inputs in one copy; lm_head + greedy argmax inside the CUDA graph")
-    g.add_argument("--fuse-rope-kv", action="store_true", help="one kernel for rotary + KV write (+ quantization)")
+    g.add_argument("--decode-step-in-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode inputs in one copy; lm_head + greedy argmax inside the CUDA graph (default on)")
+    g.add_argument("--fuse-rope-kv", action=argparse.BooleanOptionalAction, default=True,
+                   help="one kernel for rotary + KV write (+ quantization) (default on)")
     g.add_argument("--seed", type=int, default=0)
 
 

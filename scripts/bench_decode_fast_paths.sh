@@ -23,12 +23,13 @@ bench() {   # name, extra flags...
     echo "$name rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/runs.txt"
 }
 timeout 60 python3 scripts/bench_host_step.py --out "$d/host_step.json" > "$d/host_step.log" 2>&1
-ON="--decode-step-in-graph --fuse-rope-kv"
-bench fp16_off
+ON="--decode-step-in-graph --fuse-rope-kv"          # the defaults since the first run of this script
+OFF="--no-decode-step-in-graph --no-fuse-rope-kv"
+bench fp16_off $OFF
 bench fp16_on $ON
-bench awq_kvint8_off --quant awq --kv int8
+bench awq_kvint8_off --quant awq --kv int8 $OFF
 bench awq_kvint8_on --quant awq --kv int8 $ON
-for opt in "fp16_graph_only --decode-step-in-graph" "fp16_fuse_only --fuse-rope-kv"; do
+for opt in "fp16_graph_only --decode-step-in-graph --no-fuse-rope-kv" "fp16_fuse_only --fuse-rope-kv --no-decode-step-in-graph"; do
     if (( $(date +%s) - t0 < budget )); then bench $opt; else echo "skipped $opt (time)" >> "$d/runs.txt"; fi
 done
 
@@ -39,7 +40,7 @@ print((d / "tests.txt").read_text().strip().splitlines()[-2:])
 print((d / "runs.txt").read_text())
 print(f"{'run':18} {'bs1 tok/s':>9} {'step ms':>8} {'replay ms':>9} {'host ms':>8} {'bs64 tok/s':>10} {'step ms':>8} "
       f"{'replay ms':>9}")
-for f in sorted(d.glob("*.json")):
+for f in sorted(p for p in d.glob("*.json") if p.stem != "host_step"):
     r = json.loads(f.read_text())
     a, b = r["bs1"], r["bs64"]
     print(f"{f.stem:18} {a['tok_s']:9.1f} {a['step_ms']:8.3f} {a.get('graph_replay_ms', 0):9.3f} "

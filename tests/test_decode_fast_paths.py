@@ -84,7 +84,9 @@ def test_fused_rotary_kv_reference_is_rotary_then_write():
 def test_switches_are_engine_parameters():
     cfg = EngineConfig.from_dict({"decode_step_in_graph": True, "fuse_rope_kv": True})
     assert cfg.decode_step_in_graph and cfg.fuse_rope_kv
-    assert not EngineConfig().decode_step_in_graph and not EngineConfig().fuse_rope_kv
+    assert EngineConfig().decode_step_in_graph and EngineConfig().fuse_rope_kv            # on by default
+    cfg = EngineConfig.from_dict({"decode_step_in_graph": False, "fuse_rope_kv": False})
+    assert not cfg.decode_step_in_graph and not cfg.fuse_rope_kv
 
 
 def test_load_decode_writes_what_prepare_builds():
