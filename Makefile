@@ -21,10 +21,11 @@ KV_QPARAMS ?=         # static KV parameters for convert (`lmtriton lite kv_qpar
 BENCH_DIR ?= $(WORKSPACE)/bench
 BENCH_ARGS ?=
 PERF_ARGS ?=
+PERF_SHAPE ?=         # make perf on a random-weight real shape instead of a converted model: PERF_SHAPE=llama2-7b
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install deps-browser demo-model convert serve chat openai demo test test-gpu bench perf clean
+.PHONY: install deps-browser demo-model convert serve chat openai demo test test-gpu bench perf bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -77,12 +78,25 @@ bench: install
 	$(VPY) -m tools.cli bench generation --model $(MODEL) --out-dir $(BENCH_DIR) $(or $(BENCH_ARGS),--smoke)
 	$(VPY) -m tools.cli bench throughput --model $(MODEL) --out-dir $(BENCH_DIR) $(or $(BENCH_ARGS),--smoke)
 
-# perf_analyzer (tritonclient[all] wheel) against the served model; it links Debian libb64-0d
+# perf_analyzer (tritonclient[all] wheel) against the served model; it links Debian libb64-0d. On a GPU, e.g.
+#   make perf PERF_SHAPE=llama2-7b WORKSPACE=/dev/shm/llama2-7b_fp16 PARAM=session_len=2048 \
+#     PERF_ARGS="--concurrency 1,4,16,64 --num-prompts 64 --max-output-len 256 --requests 6 --stability 100"
 perf: install
 	@ldconfig -p | grep -q libb64.so.0d || (apt-get update -qq && apt-get install -y -qq libb64-0d)
+	$(if $(PERF_SHAPE),test -f $(DATA)/smollm2-135m-instruct/tokenizer.json || $(MAKE) demo-model)
+	$(if $(PERF_SHAPE),test -f $(WORKSPACE)/model_repository/$(NAME)/config.pbtxt || $(VPY) -m \
+	  scripts.bench_random_workspace --shape $(PERF_SHAPE) --tokenizer $(DATA)/smollm2-135m-instruct \
+	  --workspace $(WORKSPACE) $(foreach p,$(PARAM),--param $(p)))
 	test -f $(WORKSPACE)/model_repository/$(NAME)/config.pbtxt || $(MAKE) convert
 	$(VPY) -m scripts.perf_analyzer_run --workspace $(WORKSPACE) --model-name $(NAME) \
 	  --out-dir $(WORKSPACE)/perf $(PERF_ARGS)
+
+# the GPU serving set of docs/benchmarks.md (Llama-2-7B shape, random weights; bench serving fp16 and W4A16 + KV
+# int8 through tritonserver with the in-process engine beside it; perf_analyzer) on a GPU box with this venv; the
+# device machine runs it as `bash scripts/bench_gpu.sh` with .carry (see its header); SMOKE=1: the CPU check
+bench-gpu: install
+	WHEELS=0 bash scripts/gpu_carry.sh $(VENV)
+	CARRY=0 PY=$(VPY) OUT=$(BENCH_DIR)/gpu bash scripts/bench_gpu.sh
 
 clean:
 	rm -rf $(VENV) $(WORKSPACE) .pytest_cache

@@ -1,50 +1,127 @@
 #!/usr/bin/env bash
-# The GPU benchmark set of docs/benchmarks.md in one device call (10-minute limit), results under $OUT.
-# Here, first:  ../shared/device/make-carry.sh .venv   (tritonserver for the GPU image, -> .carry/)
-#               workspace/bench_tok/  the demo tokenizer files (tokenizer.json, tokenizer_config.json, config.json)
-#               workspace/gpu_py/     cp312 wheels of grpcio, protobuf, python-rapidjson, pyzmq, msgpack (the image
-#                                     has none of them) + a copy of the tritonclient package directory
-# Device call:  carry [".carry", "workspace/bench_tok", "workspace/gpu_py"], command `bash scripts/bench_gpu.sh`
+# GPU serving benchmark in one device call (<= 9 min): the Llama-2-7B shape with random weights served by the real
+# tritonserver on the GPU, `lmtriton bench serving` (gRPC streaming, with the in-process engine on the same prompts
+# in the same run) for fp16 and for W4A16 + KV int8, and Triton's perf_analyzer (--streaming, concurrency sweep)
+# against the fp16 server. Results: $OUT/bench_gpu.tgz (everything) and $OUT/summary.md (the tables).
+#
+# Here, first:  ../shared/device/make-carry.sh .venv   (-> .carry/: tritonserver for the GPU image)
+#               bash scripts/gpu_carry.sh               (-> workspace/gpu_py/, workspace/gpu_perf/)
+#               bash scripts/gpu_carry.sh --size        (what travels: must stay under 64 MiB)
+# Device call:  kind nvidia-h200, carry [".carry", "workspace/gpu_py", "workspace/gpu_perf"],
+#               command `bash scripts/bench_gpu.sh`
+# Afterwards:   python -m scripts.bench_gpu_docs <files_at>/bench_gpu.tgz   (docs/benchmarks/: JSON, PNG, tables)
+# The weights are generated on the GPU machine into /dev/shm (RAM) and never travel.
+# Modes: SMOKE=1 runs the same path with a tiny model and a few short requests (a CPU check; also CARRY=0);
+#        CARRY=0 uses the installed project venv (its tritonserver, tritonclient) instead of .carry + gpu_py:
+#        `make bench-gpu` on a GPU box of your own.   CPU check here:  SMOKE=1 bash scripts/bench_gpu.sh
 set -u
 OUT=${OUT:-out/bench_gpu}
-SHAPE=${SHAPE:-llama2-7b}
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  SHAPE=tiny; DTYPE=float32; CONC=1,2; PERF_CONC=1; N=4; MAX_IN=24; MAX_OUT=4; PER_C=0; PERF_REQ=2; STAB=1000
+  BUDGET=${BUDGET:-900}; CARRY=${CARRY:-0}
+  WS_PARAMS="--param session_len=512 --param cpu_kv_blocks=64 --param cache_block_seq_len=16"
+fi
+CARRY=${CARRY:-1}
+[ "$CARRY" = 1 ] || PY=${PY:-.venv/bin/python}
 PY=${PY:-python3}
-mkdir -p "$OUT"
-export PYTHONPATH=.
-export TOKENIZERS_PARALLELISM=false
+SHAPE=${SHAPE:-llama2-7b}
+DTYPE=${DTYPE:-float16}
+CONC=${CONC:-1,16,64}                  # bench serving levels
+PER_C=${PER_C:-4}                      # level C runs max(16, 4*C) prompts (c=1: 16, c=16: 64, c=64: 256)
+N=${N:-256}
+MAX_IN=${MAX_IN:-1024}
+MAX_OUT=${MAX_OUT:-256}
+PERF_CONC=${PERF_CONC:-1,4,16,64}
+PERF_REQ=${PERF_REQ:-6}                # perf_analyzer: requests per measurement window (at least C), 3 windows
+STAB=${STAB:-100}                      # perf_analyzer -s; mixed ShareGPT-like lengths vary a lot between windows
+BUDGET=${BUDGET:-530}                  # seconds for the whole script; every step gets at most what is left
+WS_PARAMS=${WS_PARAMS:---param session_len=2048}
+R=/tmp/bench_gpu_results
+rm -rf "$R" && mkdir -p "$R" "$OUT"
+export PYTHONPATH=/tmp/gsite:$PWD TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 B="$PY -m tools.cli bench"
 
-step() {   # step NAME SECONDS CMD...: log to $OUT/NAME.log, print the exit code, time and last lines
-  local name=$1 secs=$2 t0=$SECONDS
+step() {   # step NAME SECONDS CMD...: own process group, log in $R/NAME.log; prints rc, time, last lines
+  local name=$1 secs=$2 t0=$SECONDS left=$((BUDGET - SECONDS)) pid rc
   shift 2
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - t0))s"
-  grep -v "it/s\]\|tok/s\]\|req/s\]" "$OUT/$name.log" | tail -n 4
+  if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left}s of the budget left"; return 1; fi
+  [ "$secs" -gt "$left" ] && secs=$left
+  setsid timeout -k 15 "$secs" "$@" > "$R/$name.log" 2>&1 &
+  pid=$!
+  wait "$pid"; rc=$?
+  kill -KILL -- "-$pid" 2>/dev/null   # whatever of that step is still alive (tritonserver after a timeout)
+  echo "== $name rc=$rc $((SECONDS - t0))s (limit ${secs}s, at ${SECONDS}s)"
+  tr '\r' '\n' < "$R/$name.log" | grep -v '%|' | tail -n 5
+  return "$rc"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-# in the background while the in-process runs use the GPU: tritonserver unpacked, the served 7B workspace on CPU
-( bash .carry/setup.sh > "$OUT/setup.log" 2>&1
-  $PY -m pip install -q --no-index --no-deps --target /tmp/gsite workspace/gpu_py/*.whl >> "$OUT/setup.log" 2>&1
-  cp -r workspace/gpu_py/tritonclient /tmp/gsite/ ) &
+gpu_idle() {   # the next server must find the GPU free: wait for our engine processes to leave, else end them
+  command -v nvidia-smi > /dev/null || return 0
+  local i pids
+  for i in $(seq 30); do
+    pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader | tr -d ' ')
+    [ -z "$pids" ] && return 0
+    sleep 1
+  done
+  echo "GPU still held by $pids after 30 s: ending them"
+  for p in $pids; do kill -KILL "$p" 2>/dev/null; done
+  sleep 2
+}
+
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# CPU-side set-up in the background while the GPU writes the random weights
+( set -e
+  if [ "$CARRY" = 1 ]; then
+    bash .carry/setup.sh
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite workspace/gpu_py/*.whl
+    cp -r workspace/gpu_py/tritonclient /tmp/gsite/
+  fi
+  mkdir -p /tmp/perf/lib
+  xz -dc workspace/gpu_perf/perf_analyzer.xz > /tmp/perf/perf_analyzer && chmod +x /tmp/perf/perf_analyzer
+  tar -C /tmp/perf/lib -xJf workspace/gpu_perf/libs.tar.xz
+  if LD_LIBRARY_PATH=/tmp/perf/lib ldd /tmp/perf/perf_analyzer | grep -q "libssl.*not found\|libcrypto.*not found"; then
+    echo "no OpenSSL 3 here: using the carried one"; tar -C /tmp/perf/lib -xJf workspace/gpu_perf/ssl.tar.xz
+  fi
+  LD_LIBRARY_PATH=/tmp/perf/lib ldd /tmp/perf/perf_analyzer | grep -i "not found" || echo "perf_analyzer: all libraries found"
+) > "$R/setup.log" 2>&1 &
 SETUP=$!
-( CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 300 $PY -m scripts.bench_random_workspace --shape "$SHAPE" \
-    --tokenizer workspace/bench_tok --workspace /tmp/ws_fp16 --param session_len=2048 > "$OUT/workspace.log" 2>&1 ) &
-WS=$!
+mkdir -p /tmp/bench_tok_x && tar -C /tmp/bench_tok_x -xJf workspace/gpu_perf/bench_tok.tar.xz
+TOK=/tmp/bench_tok_x/bench_tok
+WS_ROOT=/tmp
+[ "$SMOKE" != 1 ] && [ -d /dev/shm ] && [ "$(df -k --output=avail /dev/shm | tail -1)" -gt 25000000 ] && WS_ROOT=/dev/shm
+WS16=$WS_ROOT/${SHAPE}_fp16 WSQ=$WS_ROOT/${SHAPE}_awq_kvint8   # directory names = model labels
+rm -rf "$WS16" "$WSQ"
+# shellcheck disable=SC2086
+step ws_fp16 150 $PY -m scripts.bench_random_workspace --shape "$SHAPE" --dtype "$DTYPE" --tokenizer "$TOK" \
+  --workspace "$WS16" $WS_PARAMS
+# shellcheck disable=SC2086
+step ws_awq_kv8 90 $PY -m scripts.bench_random_workspace --shape "$SHAPE" --dtype "$DTYPE" --quant awq --kv int8 \
+  --tokenizer "$TOK" --workspace "$WSQ" $WS_PARAMS
+du -sh "$WS16" "$WSQ" 2>/dev/null
+wait "$SETUP"; echo "== setup rc=$? (at ${SECONDS}s)"; tail -n 3 "$R/setup.log"
+if [ "$CARRY" = 1 ]; then source .carry/setup.sh > /dev/null; fi
+export PERF_ANALYZER=/tmp/perf/perf_analyzer
+WORKLOAD="--num-prompts $N --max-input-len $MAX_IN --max-output-len $MAX_OUT"
 
-step gen_fp16 130 $B generation --model "$SHAPE" --dtype float16 --batch-sizes 1,16,64 \
-  --lengths 1:128,128:256,2048:128 --cache-max-entry-count 0.5 --out-dir "$OUT"
-step gen_awq_kv8 70 $B generation --model "$SHAPE" --dtype float16 --quant awq --kv int8 --batch-sizes 1,16,64 \
-  --lengths 1:128,128:256,2048:128 --no-hf --out-dir "$OUT"
-step tp_fp16 150 $B throughput --model "$SHAPE" --dtype float16 --num-prompts 160 --concurrency 16,64 \
-  --max-output-len 512 --hf-num-prompts 8 --hf-batch 8 --cache-max-entry-count 0.5 --out-dir "$OUT"
-step tp_awq_kv8 60 $B throughput --model "$SHAPE" --dtype float16 --quant awq --kv int8 --num-prompts 160 \
-  --concurrency 16,64 --max-output-len 512 --no-hf --out-dir "$OUT"
+# shellcheck disable=SC2086
+step serving_fp16 200 $B serving --workspace "$WS16" $WORKLOAD --concurrency "$CONC" --prompts-per-concurrency "$PER_C" \
+  --timeout 120 --out-dir "$R" --server-log "$R/server_fp16.log" --tag "${SHAPE}_fp16"
+gpu_idle
+step perf_fp16 150 env LD_LIBRARY_PATH="/tmp/perf/lib:${LD_LIBRARY_PATH:-}" $PY -m scripts.perf_analyzer_run \
+  --workspace "$WS16" --concurrency "$PERF_CONC" --num-prompts 64 --max-input-len "$MAX_IN" \
+  --max-output-len "$MAX_OUT" --requests "$PERF_REQ" --stability "$STAB" --timeout 100 --out-dir "$R/perf"
+gpu_idle
+# shellcheck disable=SC2086
+step serving_awq_kv8 180 $B serving --workspace "$WSQ" $WORKLOAD --concurrency "$CONC" \
+  --prompts-per-concurrency "$PER_C" --timeout 120 --out-dir "$R" --server-log "$R/server_awq_kv8.log" \
+  --tag "${SHAPE}_awq_kvint8"
+gpu_idle
 
-wait $SETUP $WS
-tail -n 2 "$OUT/workspace.log"
-source .carry/setup.sh > /dev/null
-PYTHONPATH=/tmp/gsite:. step serving 180 $B serving --workspace /tmp/ws_fp16 --num-prompts 96 \
-  --concurrency 16,64 --max-output-len 512 --out-dir "$OUT" --server-log "$OUT/server.log" --tag "${SHAPE}_fp16"
-# the device returns a handful of files: pack everything into one
-tar -C "$OUT" -czf /tmp/bench_gpu.tgz . && rm -rf "${OUT:?}"/* && mv /tmp/bench_gpu.tgz "$OUT/"
+# the device returns at most 8 files: the tables in one, everything in a tarball
+cat "$R"/serving_*.md "$R"/perf/perf.md > "$OUT/summary.md" 2>/dev/null
+cat "$OUT/summary.md"
+rm -f "$R/perf/input_data.json"   # rebuilt from the seeded workload; large
+tar -C "$R" -czf "$OUT/bench_gpu.tgz" .
+rm -rf "$WS16" "$WSQ"
+ls -la "$OUT"; echo "done at ${SECONDS}s"

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import re
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from backend.config import EngineConfig
@@ -53,7 +55,8 @@ def served_engine_config(params: dict) -> dict:
     return out
 
 
-def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bool = True) -> tuple:
+def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bool = True,
+                       per_concurrency: int = 0) -> tuple:
     """Rows per concurrency of the served model's engine run in this process, its description, its tokenizer."""
     engine = build_engine(served_engine_config(params))
     tokenizer = load_tokenizer(params["tokenizer_dir"])
@@ -66,13 +69,18 @@ def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bo
         bench_throughput.run_workload(engine, prompts[:4], [min(4, o) for o in outs[:4]], 4, "warmup")
     rows = {}
     for c in concurrency:
-        with tqdm(total=len(prompts), desc=f"in-process c={c}", unit="req") as bar:
-            row = bench_throughput.run_workload(engine, prompts, outs, c, ("base", c), bar)
+        n = bench_throughput.level_size(len(prompts), c, per_concurrency)
+        with tqdm(total=n, desc=f"in-process c={c}", unit="req") as bar:
+            row = bench_throughput.run_workload(engine, prompts[:n], outs[:n], c, ("base", c), bar)
         row.pop("_outputs")
         rows[c] = row
     desc = mut.describe()
     engine.close()           # tp > 1: the workers leave their GPUs before tritonserver's engine needs them
     mut.close()
+    del engine, mut
+    gc.collect()
+    if torch.cuda.is_available():    # the served engine sizes its KV pool from the GPU memory left free
+        torch.cuda.empty_cache()
     return rows, desc, tokenizer
 
 
@@ -101,16 +109,19 @@ def main(argv=None) -> int:
     params = served_params(repo, args.model_name)
     base, desc = {}, {"model": Path(params["weights_dir"]).parent.name}
     if not args.no_inprocess:
-        base, desc, tokenizer = inprocess_baseline(params, lengths, conc, args.seed, warmup=not args.smoke)
+        base, desc, tokenizer = inprocess_baseline(params, lengths, conc, args.seed, warmup=not args.smoke,
+                                                   per_concurrency=args.prompts_per_concurrency)
     else:
         tokenizer = load_tokenizer(params["tokenizer_dir"])
     texts = bench_workload.text_prompts(tokenizer, lengths, args.seed)
     if args.url:
-        rows = served_rows(args.url, args.model_name, texts, lengths, conc, base, args.timeout)
+        rows = served_rows(args.url, args.model_name, texts, lengths, conc, base, args.timeout,
+                           args.prompts_per_concurrency)
     else:
         from scripts.launch_triton_server import TritonServer
         with TritonServer(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=args.server_log) as server:
-            rows = served_rows(server.grpc_url, args.model_name, texts, lengths, conc, base, args.timeout)
+            rows = served_rows(server.grpc_url, args.model_name, texts, lengths, conc, base, args.timeout,
+                               args.prompts_per_concurrency)
     result = {"meta": bench_report.meta("serving", argv), "model": {**desc, "served_as": args.model_name},
               "workload": bench_workload.summary(lengths), "results": rows}
     tag = args.tag or Path(args.workspace).resolve().name
@@ -119,18 +130,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def served_rows(url, model_name, texts, lengths, conc, base: dict, timeout: float) -> list:
+def served_rows(url, model_name, texts, lengths, conc, base: dict, timeout: float, per_concurrency: int = 0) -> list:
     build = serving_load.InputBuilder(url, model_name)
     requests = [build({"text_input": t, "max_tokens": out, "stream": True, "ignore_eos": True, "temperature": 0.0})
                 for t, (_, out) in zip(texts, lengths)]
     serving_load.run_load(url, model_name, requests[:1], 1, timeout)                  # warm-up
     rows = []
     for c in conc:
-        with tqdm(total=len(requests), desc=f"served c={c}", unit="req") as bar:
-            rec = serving_load.run_load(url, model_name, requests, c, timeout, bar)
-        if len(rec["errors"]) == len(requests):
+        n = bench_throughput.level_size(len(requests), c, per_concurrency)
+        with tqdm(total=n, desc=f"served c={c}", unit="req") as bar:
+            rec = serving_load.run_load(url, model_name, requests[:n], c, timeout, bar)
+        if len(rec["errors"]) == n:
             raise RuntimeError(f"every request failed; first error: {next(iter(rec['errors'].values()))}")
-        ok = [i for i in range(len(requests)) if i not in rec["errors"]]
+        ok = [i for i in range(n) if i not in rec["errors"]]
         for i in ok:     # a frontend that does not report completion_tokens: ignore_eos makes it max_tokens
             rec["tokens"][i] = rec["tokens"][i] or lengths[i][1]
         row = {"concurrency": c, **bench_throughput.latency_stats(

@@ -88,11 +88,21 @@ def hf_comparison(mut, hf, prompts, outs, batch: int, ours: Optional[dict] = Non
     return {"num_prompts": len(prompts), "batch": batch, "ours": ours, "hf": theirs}
 
 
+def level_size(num_prompts: int, concurrency: int, per_concurrency: int) -> int:
+    """How many of the workload's prompts one concurrency level runs (--prompts-per-concurrency)."""
+    if per_concurrency <= 0:
+        return num_prompts
+    return min(num_prompts, max(16, per_concurrency * concurrency))
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--concurrency", default="1,16,64", help="comma-separated in-flight request limits")
     p.add_argument("--max-input-len", type=int, default=0, help="clip prompt lengths (0 = as sampled)")
     p.add_argument("--max-output-len", type=int, default=0, help="clip output lengths (0 = as sampled)")
+    p.add_argument("--prompts-per-concurrency", type=int, default=0, metavar="K",
+                   help="level C runs the first min(num_prompts, max(16, K*C)) prompts, so that low concurrency "
+                        "levels stay short (0 = every level runs all prompts)")
     p.add_argument("--out-dir", default="workspace/bench")
     p.add_argument("--tag", default=None, help="file name suffix (default: model, quant and KV dtype)")
 
@@ -121,8 +131,9 @@ def main(argv=None) -> int:
         run_workload(mut.engine, prompts[:4], [min(4, o) for o in outs[:4]], 4, "warmup")
     rows = []
     for c in conc:
-        with tqdm(total=len(prompts), desc=f"throughput c={c}", unit="req") as bar:
-            row = {"concurrency": c, **run_workload(mut.engine, prompts, outs, c, ("tp", c), bar)}
+        n = level_size(len(prompts), c, args.prompts_per_concurrency)
+        with tqdm(total=n, desc=f"throughput c={c}", unit="req") as bar:
+            row = {"concurrency": c, **run_workload(mut.engine, prompts[:n], outs[:n], c, ("tp", c), bar)}
         row["words_s"] = bench_hf.words_per_second(mut.tokenizer, row.pop("_outputs"), row["elapsed_s"])
         rows.append(row)
         log.info("concurrency %d: %.2f req/s, %.1f output tok/s", c, row["req_s"], row["output_tok_s"])

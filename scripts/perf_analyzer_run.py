@@ -1,6 +1,7 @@
 """`make perf`: Triton's perf_analyzer against the served model, gRPC streaming, a concurrency sweep.
 
-perf_analyzer comes from the tritonclient[all]==2.51.0 wheel (installed as <venv>/bin/perf_analyzer). It links
+perf_analyzer comes from the tritonclient[all]==2.51.0 wheel (installed as <venv>/bin/perf_analyzer; the
+environment variable PERF_ANALYZER names another copy, as scripts/bench_gpu.sh does on the GPU machine). It links
 libb64.so.0d (Debian libb64-0d; `make perf` installs it when missing) and libcudart.so.12 (PyPI
 nvidia-cuda-runtime-cu12, put on LD_LIBRARY_PATH here). The requests are the ShareGPT-like workload as
 perf_analyzer input data (text_input, max_tokens, stream, ignore_eos, temperature). Each concurrency level keeps
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def find_perf_analyzer() -> Path:
+    if os.environ.get("PERF_ANALYZER"):      # e.g. the carried, unpacked binary on the GPU machine
+        return Path(os.environ["PERF_ANALYZER"])
     candidates = [Path(sys.executable).parent / "perf_analyzer", Path(sysconfig.get_path("scripts")) / "perf_analyzer"]
     try:
         import tritonclient
