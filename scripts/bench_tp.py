@@ -29,44 +29,16 @@ import torch.multiprocessing as mp
 from backend.config import EngineConfig
 from backend.engine.engine import LLMEngine
 from backend.engine.tp import NO_MULTICAST_ENV, RankWeights, _free_port
-from backend.kernels.w4a16_runtime import random_runtime
 from backend.model.config import ModelConfig
-from backend.model.tp import shard_config
+from backend.model.random_model import random_shard
 from backend.model.weights import random_weights
 from scripts.bench_common import AWQ_GROUP_SIZE, SHAPES
 from scripts.bench_decode import _prompt, run_requests
 
 log = logging.getLogger("bench_tp")
 
-LLAMA2_70B = dataclasses.replace(SHAPES["llama2-7b"], hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
-                                 intermediate_size=28672)
-# CPU smoke runs of the W4A16 path at tp=2: every split a multiple of the group size 128
-TINY_AWQ = dataclasses.replace(SHAPES["tiny"], hidden_size=256, head_dim=64, intermediate_size=512)
-MODELS = {"tiny": SHAPES["tiny"], "tiny-awq": TINY_AWQ, "llama2-7b": SHAPES["llama2-7b"],
-          "llama3-8b": SHAPES["llama3-8b"],
-          "llama2-70b": LLAMA2_70B}
-
-
-def random_awq_shard(cfg: ModelConfig, dtype: torch.dtype, device, seed: int, rank: int, tp: int) -> Dict:
-    """Rank `rank`'s shard of a random W4A16 model, made on `device` directly in the kernels' runtime layout
-    (w4a16_runtime.random_runtime): seconds for a 70B shape, where quantizing or repacking would take minutes.
-    Replicated tensors (embeddings, norms, lm_head) are the same on every rank (same seed); the dequantized
-    weights have std ~0.02 (uniform nibbles - 8, scale 0.02 / 4.6), like random_weights."""
-    local = shard_config(cfg, rank, tp)
-    w = random_weights(dataclasses.replace(local, num_layers=0), dtype, device, seed)   # embed, norm, lm_head
-    g = torch.Generator(device=device).manual_seed(seed + 1 + rank)
-    h, inter = cfg.hidden_size, local.intermediate_size
-    shapes = {"qkv": (h, local.q_size + 2 * local.kv_size), "o": (local.q_size, h),
-              "gate_up": (h, 2 * inter), "down": (inter, h)}                 # (in, out) of each linear on this rank
-    for i in range(cfg.num_layers):
-        p = f"layers.{i}."
-        w[p + "input_norm.weight"] = torch.ones(h, dtype=dtype, device=device)
-        w[p + "post_attn_norm.weight"] = torch.ones(h, dtype=dtype, device=device)
-        for name, (n_in, n_out) in shapes.items():
-            rt = random_runtime(n_in, n_out, AWQ_GROUP_SIZE, 0.02 / 4.6, torch.float16, device, g)
-            w[p + name + ".rt_qweight"], w[p + name + ".rt_zeros"] = rt.qweight, rt.zeros
-            w[p + name + ".rt_scales"] = rt.scales[torch.float16]
-    return w
+MODELS = SHAPES
+TINY_AWQ = SHAPES["tiny-awq"]
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab: int) -> Dict[str, float]:
@@ -87,7 +59,7 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
                               max_batch_size=max(batches), cache_max_entry_count=0.5, use_cuda_graph=graphs)
         t0 = time.perf_counter()
         if awq:                       # each rank makes its own shard in the kernels' layout
-            factory = RankWeights(functools.partial(random_awq_shard, cfg, dtype, device, 0))
+            factory = RankWeights(functools.partial(random_shard, cfg, dtype, device, 0))
             weights = factory.make(0, 1) if tp == 1 else factory
         else:
             factory = functools.partial(random_weights, cfg, dtype, device, 0)
@@ -100,6 +72,7 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
                 r = decode_tok_s(engine, bs, 128, new, cfg.vocab_size)
                 rows.append({"model": name + ("-awq" if awq else ""), "tp": tp, "load_s": load_s, **r,
                              "cuda_graph": engine.runner.graphs is not None, "kv_blocks": engine.runner.num_blocks,
+                             "decode_step_in_graph": config.decode_step_in_graph, "fuse_rope_kv": config.fuse_rope_kv,
                              "rank0_gpu_gb": torch.cuda.memory_allocated() / 1e9 if device == "cuda" else 0.0})
                 log.info("%s", rows[-1])
         finally:

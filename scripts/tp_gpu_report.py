@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional
 
-_VERDICT = re.compile(r"(tp=2 == tp=1 greedy tokens[^\n]*|first divergence: [^\n]*)")
+_VERDICT = re.compile(r"((?:eager lm_head|lm_head in graph): (?:tp=2 == tp=1 greedy tokens|first divergence)[^\n]*)")
 _SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed)[^=\n]*?)\s*=*$", re.M)
 
 
@@ -34,8 +34,8 @@ def tests_section(d: Path) -> List[str]:
     rc = re.search(r"== tests (rc=\d+ \d+s)", steps)
     lines = ["GPU tests (`python3 -m pytest -m gpu tests/test_tp.py tests/test_w4a16_runtime_only.py`, random "
              "Llama-3-8B shape (TP_TEST_LAYERS=32), 2 prompts x 16 greedy tokens, NCCL + CUDA graphs):"]
-    lines.append(f"- {verdict[0] if verdict else 'no verdict line in tests.log'}; pytest: "
-                 f"{summary[-1] if summary else 'no summary (' + (rc.group(1) if rc else 'not run') + ')'}")
+    lines += [f"- {v}" for v in verdict] or ["- no verdict line in tests.log"]
+    lines.append(f"- pytest: {summary[-1] if summary else 'no summary (' + (rc.group(1) if rc else 'not run') + ')'}")
     if "Timeout" in log or "Thread 0x" in log:
         lines.append("- the log holds a faulthandler stack dump: a test exceeded its time (see tests.log)")
     return lines
@@ -44,8 +44,11 @@ def tests_section(d: Path) -> List[str]:
 def decode_section(doc: dict) -> List[str]:
     rows = doc.get("decode", [])
     base = {(r["model"], r["batch"]): r["tok_s"] for r in rows if r["tp"] == 1}
+    flags = sorted({f"decode_step_in_graph={r.get('decode_step_in_graph')}, fuse_rope_kv={r.get('fuse_rope_kv')}"
+                    for r in rows})
     lines = [f"Command: `{doc['command']}` ({doc['device']}, {doc.get('date_utc', 'date not recorded')}; random "
-             "int4 weights made on each rank's GPU in the kernels' layout; 128-token prompts).", "",
+             f"int4 weights made on each rank's GPU in the kernels' layout; 128-token prompts; "
+             f"{'; '.join(flags)}).", "",
              "| model | tp | batch | decode tok/s | step ms | speed-up | load s | KV blocks / rank | rank-0 GPU GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -13,7 +13,8 @@ from backend.engine.tp import RankWeights
 from backend.kernels.w4a16_runtime import random_runtime, repack, unrepack
 from backend.model.layers import Linear
 from backend.model.tp import shard_tensor
-from scripts.bench_tp import TINY_AWQ, random_awq_shard
+from backend.model.random_model import random_shard
+from scripts.bench_tp import TINY_AWQ
 
 K, N, G = 256, 96, 128
 
@@ -59,7 +60,7 @@ def test_sharding_refuses_the_runtime_layout():
 def test_rank_weights_build_each_shard_at_tp2():
     """Each rank makes its own shard (no full copy); the engine runs; rank 0 holds half the heads' columns."""
     cfg = dataclasses.replace(TINY_AWQ, quant={"method": "awq", "bits": 4, "group_size": G})
-    make = RankWeights(functools.partial(random_awq_shard, cfg, torch.float32, "cpu", 0))
+    make = RankWeights(functools.partial(random_shard, cfg, torch.float32, "cpu", 0))
     engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", tp=2, session_len=128, max_batch_size=2,
                                     cache_max_entry_count=8), model_cfg=cfg, weights=make)
     try:
@@ -84,3 +85,22 @@ def test_runtime_only_linear_kernels_match_the_layout():
         x = torch.randn(tokens, K, device="cuda").half()
         want = x.float() @ dense.t() + w["l.bias"].float()
         torch.testing.assert_close(lin(x).float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_random_model_directory_loads_at_tp1_and_tp2(tmp_path):
+    """A workspace with random_weights.json and no weight files: each rank makes its shard when it loads."""
+    from backend.model.random_model import write_random
+    cfg = dataclasses.replace(TINY_AWQ, quant={"method": "awq", "bits": 4, "group_size": G})
+    write_random(tmp_path, cfg, seed=5)
+    assert not list(tmp_path.glob("*.safetensors"))
+    for tp in (1, 2):
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", dtype="float32", tp=tp, session_len=128,
+                                        max_batch_size=2, cache_max_entry_count=8))
+        try:
+            qkv = engine.runner.model.layers[1].qkv
+            assert qkv.qweight is None and qkv.out_features == (cfg.q_size + 2 * cfg.kv_size) // tp
+            engine.add_request(0, [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            while engine.has_unfinished():
+                engine.step()
+        finally:
+            engine.close()

@@ -124,6 +124,9 @@ def load_shard(model_dir, cfg: ModelConfig, rank: int, tp: int) -> Dict[str, tor
     """Read only rank's shard of a checkpoint: an engine-layout directory through safetensors slices, an HF
     checkpoint one fused tensor at a time."""
     d = Path(model_dir)
+    from .random_model import is_random, load_random
+    if is_random(d):                  # each rank makes its own shard on its GPU (benchmarks)
+        return load_random(d, cfg, rank, tp)
     files = sorted(d.glob("*.safetensors"))
     if (d / ENGINE_CONFIG_FILE).exists() and files:
         from safetensors import safe_open

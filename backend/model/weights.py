@@ -111,6 +111,9 @@ def load_weights(model_dir, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """All weights of a checkpoint (HF or engine layout) in engine names, on the CPU."""
     model_dir = Path(model_dir)
     from .config import ENGINE_CONFIG_FILE
+    from .random_model import is_random, load_random
+    if is_random(model_dir):          # made here, on the GPU when there is one (benchmarks)
+        return load_random(model_dir, cfg)
     if (model_dir / ENGINE_CONFIG_FILE).exists():
         get, names = _open_checkpoint(model_dir)
         return {n: get(n) for n in names}
