@@ -18,3 +18,16 @@ def test_refine_lowers_the_group_error_and_keeps_the_format():
     before = output_error(dequantize(codes, scales, zeros) - w, sigma)
     after = output_error(dequantize(c2, s2, z2) - w, sigma)
     assert after < 0.97 * before, (float(before), float(after))
+
+
+def test_gptq_spreads_rounding_error_over_correlated_inputs():
+    from tools.awq_refine import gptq_quantize
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(2000, 256, generator=g) * (3 * torch.rand(256, generator=g))
+    x[:, 1:] += 0.5 * x[:, :-1]                                                   # correlated neighbours
+    sigma = x.t() @ x / 2000
+    rtn = output_error(dequantize(*quantize_rtn(w, 32, search_clip(w, sigma, 32))) - w, sigma)
+    codes, scales, zeros = gptq_quantize(w, sigma, 32)
+    assert (codes.dtype, scales.dtype, zeros.dtype) == (torch.uint8, torch.float16, torch.uint8)
+    assert output_error(dequantize(codes, scales, zeros) - w, sigma) < 0.8 * rtn

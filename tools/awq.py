@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
 
-from .awq_refine import refine_groups
+from .awq_refine import gptq_quantize, refine_groups
 from .awq_search import gram, quantize_rtn, search_clip, search_scale
 from .calibrate import calib_windows, calibrate, load_stats
 from .layerwise import LayerwiseCheckpoint, layer_forward
@@ -30,7 +30,8 @@ from .quant_family import QuantFamily
 
 log = logging.getLogger(__name__)
 
-METHODS = ("awq", "rtn", "awq_refine")   # awq_refine: + tools/awq_refine.py (scale / zero / codes per group)
+# awq_refine / awq_gptq: AWQ's scales, then tools/awq_refine.py (per-group refinement / GPTQ error feedback)
+METHODS = ("awq", "rtn", "awq_refine", "awq_gptq")
 
 
 def valid_group_sizes(in_features) -> list:
@@ -88,9 +89,12 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
     for lin in fam.linears:
         weight = w[lin + ".weight"]
         clip = None
-        if method != "rtn" and lin not in fam.no_clip:
+        if method not in ("rtn", "awq_gptq") and lin not in fam.no_clip:
             clip = search_clip(weight, sig[inp_of[lin]], group_size, n_grid)
-        codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
+        if method == "awq_gptq":
+            codes, scales, zeros = gptq_quantize(weight, sig[inp_of[lin]], group_size)
+        else:
+            codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
         if method == "awq_refine":
             codes, scales, zeros = refine_groups(weight, codes, scales, zeros, sig[inp_of[lin]], group_size)
         out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]

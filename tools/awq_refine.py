@@ -59,3 +59,43 @@ def refine_groups(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
     return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.to(torch.uint8))
+
+
+def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (static groups, no act-order) in the same format: columns quantized left to right, each column's
+    rounding error spread over the columns not yet quantized through the inverse Hessian (H = Sigma + damping);
+    each group's (fp16 scale, integer zero) from its min / max when its first column comes up.
+    -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros uint8 [out, in // g])."""
+    out_f, in_f = w.shape
+    w = w.float().clone()
+    h = sigma.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.diag(h).mean() * torch.eye(in_f)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out_f, in_f)
+    ng = in_f // group_size
+    scales, zeros = torch.zeros(out_f, ng), torch.zeros(out_f, ng)
+    for b0 in range(0, in_f, block):
+        b1 = min(b0 + block, in_f)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0)
+        hb = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group_size == 0:
+                grp = torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group_size]          # this group, as updated
+                hi, lo = grp.amax(1), grp.amin(1)
+                s = ((hi - lo) / QMAX4).clamp_min(1e-5).half().float()
+                z = torch.round(-lo / s).clamp(0, QMAX4)
+                scales[:, col // group_size], zeros[:, col // group_size] = s, z
+            s, z = scales[:, col // group_size], zeros[:, col // group_size]
+            x = wb[:, j]
+            q = (torch.round(x / s) + z).clamp(0, QMAX4)
+            codes[:, col] = q
+            e = (x - (q - z) * s) / hb[j, j]
+            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
+            err[:, j] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    return codes.to(torch.uint8), scales.half(), zeros.to(torch.uint8)

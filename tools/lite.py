@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="HF model directory (fp weights) or 'demo'")
     a.add_argument("--w-bits", type=int, default=4)
     a.add_argument("--w-group-size", type=int, default=128)
-    a.add_argument("--method", default="awq", choices=["awq", "rtn", "awq_refine"],
-                   help="rtn: round-to-nearest, no search; awq_refine: awq + per-group scale / zero refinement")
+    a.add_argument("--method", default="awq", choices=["awq", "rtn", "awq_refine", "awq_gptq"],
+                   help="rtn: round-to-nearest, no search; awq_refine: awq + per-group scale / zero refinement; "
+                   "awq_gptq: awq scales + GPTQ rounding (tools/awq_refine.py)")
     a.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens the searches look at")
     a.add_argument("--calib-dir", default=None, help="where `calibrate` wrote its statistics (default: --work-dir)")
     a.add_argument("--work-dir", required=True, help="output: the quantized checkpoint")
