@@ -20,7 +20,7 @@ import os
 import pickle
 import time
 from datetime import timedelta
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,9 +50,11 @@ def decode_tok_s(engine: LLMEngine, batch: int, prompt_len: int, new: int, vocab
 
 
 def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches: List[int], new: int,
-                device: str = "cuda", graphs: bool = True) -> List[dict]:
+                device: str = "cuda", graphs: bool = True, rows: Optional[List[dict]] = None,
+                on_row: Callable[[], None] = lambda: None) -> List[dict]:
+    """Decode rows appended to `rows` (a new list by default); on_row() after each, e.g. to save a partial run."""
     cfg = dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if awq else None)
-    rows = []
+    rows = [] if rows is None else rows
     for tp in tps:
         dtype = torch.float16 if device == "cuda" else torch.float32
         config = EngineConfig(device=device, dtype=str(dtype).split(".")[1], tp=tp, session_len=512,
@@ -75,6 +77,7 @@ def bench_model(name: str, cfg: ModelConfig, awq: bool, tps: List[int], batches:
                              "decode_step_in_graph": config.decode_step_in_graph, "fuse_rope_kv": config.fuse_rope_kv,
                              "rank0_gpu_gb": torch.cuda.memory_allocated() / 1e9 if device == "cuda" else 0.0})
                 log.info("%s", rows[-1])
+                on_row()
         finally:
             engine.close()
             del engine
@@ -237,9 +240,8 @@ def main(argv=None) -> int:
             if 2 in tps and device == "cuda":
                 doc["allreduce"] += allreduce_per_step(2, MODELS[name], batches)
                 save(doc, args.out)
-            doc["decode"] += bench_model(name, MODELS[name], awq, tps, batches, args.new, device,
-                                         not args.no_cuda_graph)
-            save(doc, args.out)
+            bench_model(name, MODELS[name], awq, tps, batches, args.new, device, not args.no_cuda_graph,
+                        rows=doc["decode"], on_row=lambda: save(doc, args.out))
     log.info("\n%s", markdown(doc))
     return 0
 
