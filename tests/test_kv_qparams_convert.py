@@ -76,6 +76,7 @@ def test_kv_qparams_split_per_rank(tmp_path):
     assert torch.equal(torch.cat(parts, 2), full)
 
 
+@pytest.mark.slow      # two engines, tp=2 spawns a worker process
 def test_tp2_static_kv_equals_tp1(model_dir, tmp_path):
     src = str(_qparams(tmp_path / "q.json"))
     outs = []

@@ -91,6 +91,7 @@ def test_kv_rotation_resolution_and_errors():
         EngineConfig(kv_cache_dtype="int4", kv_qparams="x.json", kv_rotation="hadamard")
 
 
+@pytest.mark.slow      # the two SmolLM2 tests: ~60 s together on the 2-core box
 def test_rotation_leaves_fp_kv_logits_unchanged(demo_model_dir, text_ids):
     ref = forced_logits(_engine(demo_model_dir, rotation="off"), text_ids, 160)
     rot_engine = _engine(demo_model_dir, rotation="hadamard")
@@ -100,6 +101,7 @@ def test_rotation_leaves_fp_kv_logits_unchanged(demo_model_dir, text_ids):
     assert (rot - ref).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_rotation_cuts_int4_kv_error(demo_model_dir, text_ids):
     ref = forced_logits(_engine(demo_model_dir), text_ids, 160)
     auto = _engine(demo_model_dir, kv="int4")                             # auto: rotated
