@@ -39,7 +39,7 @@ BUDGET=${BUDGET:-530}                  # seconds for the whole script; every ste
 WS_PARAMS=${WS_PARAMS:---param session_len=2048}
 R=/tmp/bench_gpu_results
 rm -rf "$R" && mkdir -p "$R" "$OUT"
-export PYTHONPATH=/tmp/gsite:$PWD TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1   # + /tmp/gsite once installed
 B="$PY -m tools.cli bench"
 
 step() {   # step NAME SECONDS CMD...: own process group, log in $R/NAME.log; prints rc, time, last lines
@@ -83,13 +83,15 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
   if LD_LIBRARY_PATH=/tmp/perf/lib ldd /tmp/perf/perf_analyzer | grep -q "libssl.*not found\|libcrypto.*not found"; then
     echo "no OpenSSL 3 here: using the carried one"; tar -C /tmp/perf/lib -xJf workspace/gpu_perf/ssl.tar.xz
   fi
-  LD_LIBRARY_PATH=/tmp/perf/lib ldd /tmp/perf/perf_analyzer | grep -i "not found" || echo "perf_analyzer: all libraries found"
+  LD_LIBRARY_PATH=/tmp/perf/lib ldd /tmp/perf/perf_analyzer | grep -i "not found" \
+    || echo "perf_analyzer: all libraries found"
 ) > "$R/setup.log" 2>&1 &
 SETUP=$!
 mkdir -p /tmp/bench_tok_x && tar -C /tmp/bench_tok_x -xJf workspace/gpu_perf/bench_tok.tar.xz
 TOK=/tmp/bench_tok_x/bench_tok
 WS_ROOT=/tmp
-[ "$SMOKE" != 1 ] && [ -d /dev/shm ] && [ "$(df -k --output=avail /dev/shm | tail -1)" -gt 25000000 ] && WS_ROOT=/dev/shm
+[ "$SMOKE" != 1 ] && [ -d /dev/shm ] && [ "$(df -k --output=avail /dev/shm | tail -1)" -gt 25000000 ] \
+  && WS_ROOT=/dev/shm
 WS16=$WS_ROOT/${SHAPE}_fp16 WSQ=$WS_ROOT/${SHAPE}_awq_kvint8   # directory names = model labels
 rm -rf "$WS16" "$WSQ"
 # shellcheck disable=SC2086
@@ -100,13 +102,13 @@ step ws_awq_kv8 90 $PY -m scripts.bench_random_workspace --shape "$SHAPE" --dtyp
   --tokenizer "$TOK" --workspace "$WSQ" $WS_PARAMS
 du -sh "$WS16" "$WSQ" 2>/dev/null
 wait "$SETUP"; echo "== setup rc=$? (at ${SECONDS}s)"; tail -n 3 "$R/setup.log"
-if [ "$CARRY" = 1 ]; then source .carry/setup.sh > /dev/null; fi
+if [ "$CARRY" = 1 ]; then source .carry/setup.sh > /dev/null; export PYTHONPATH=/tmp/gsite:$PWD; fi
 export PERF_ANALYZER=/tmp/perf/perf_analyzer
 WORKLOAD="--num-prompts $N --max-input-len $MAX_IN --max-output-len $MAX_OUT"
 
 # shellcheck disable=SC2086
-step serving_fp16 200 $B serving --workspace "$WS16" $WORKLOAD --concurrency "$CONC" --prompts-per-concurrency "$PER_C" \
-  --timeout 120 --out-dir "$R" --server-log "$R/server_fp16.log" --tag "${SHAPE}_fp16"
+step serving_fp16 200 $B serving --workspace "$WS16" $WORKLOAD --concurrency "$CONC" \
+  --prompts-per-concurrency "$PER_C" --timeout 120 --out-dir "$R" --server-log "$R/server_fp16.log" --tag "${SHAPE}_fp16"
 gpu_idle
 step perf_fp16 150 env LD_LIBRARY_PATH="/tmp/perf/lib:${LD_LIBRARY_PATH:-}" $PY -m scripts.perf_analyzer_run \
   --workspace "$WS16" --concurrency "$PERF_CONC" --num-prompts 64 --max-input-len "$MAX_IN" \

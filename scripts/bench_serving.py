@@ -81,6 +81,8 @@ def inprocess_baseline(params: dict, lengths, concurrency, seed: int, warmup: bo
     gc.collect()
     if torch.cuda.is_available():    # the served engine sizes its KV pool from the GPU memory left free
         torch.cuda.empty_cache()
+        log.info("in-process engine closed: this process keeps %.2f GiB of GPU memory reserved",
+                 torch.cuda.memory_reserved() / 2**30)
     return rows, desc, tokenizer
 
 

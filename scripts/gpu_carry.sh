@@ -11,7 +11,8 @@
 set -euo pipefail
 carried=(.carry workspace/gpu_py workspace/gpu_perf)
 if [ "${1:-}" = "--size" ]; then   # everything a device call sends: tracked + untracked-not-ignored + carried
-  tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 du -cb 2>/dev/null \
+         | tail -1 | cut -f1)
   carry=$(du -sbc "${carried[@]}" | tail -1 | cut -f1)
   echo "tree $tree + carried $carry = $((tree + carry)) bytes; the limit is 67108864 (64 MiB)"
   exit 0
@@ -40,7 +41,8 @@ xz -9 -c /tmp/perf_analyzer.$$ > "$out/perf_analyzer.xz" && rm /tmp/perf_analyze
 b64=$(ldconfig -p | awk '/libb64.so.0d/ {print $NF; exit}')
 [ -n "$b64" ] || { echo "libb64.so.0d missing: apt-get install -y libb64-0d" >&2; exit 2; }
 cudart=$("$venv/bin/python" -c 'import nvidia.cuda_runtime as m; print(list(m.__path__)[0])')/lib/libcudart.so.12
-ssl=$(ldconfig -p | awk '/libssl.so.3 / {print $NF; exit}'); crypto=$(ldconfig -p | awk '/libcrypto.so.3 / {print $NF; exit}')
+ssl=$(ldconfig -p | awk '/libssl.so.3 / {print $NF; exit}')
+crypto=$(ldconfig -p | awk '/libcrypto.so.3 / {print $NF; exit}')
 rm -rf /tmp/gpu_perf.$$ && mkdir -p /tmp/gpu_perf.$$/libs /tmp/gpu_perf.$$/ssl
 cp -L "$b64" "$cudart" /tmp/gpu_perf.$$/libs/
 cp -L "$ssl" "$crypto" /tmp/gpu_perf.$$/ssl/    # used there only if the image lacks OpenSSL 3
@@ -49,7 +51,8 @@ rm -rf /tmp/gpu_perf.$$ "$out/libb64.so.0d" "$out/libcudart.so.12"
 if [ ! -d workspace/bench_tok ]; then   # the demo model's tokenizer (make demo-model), without its weights
   demo=${DATA:-$HOME/.cache/lmtriton}/smollm2-135m-instruct
   [ -f "$demo/tokenizer.json" ] || "$venv/bin/python" -m tools.gguf --out "$demo"
-  mkdir -p workspace/bench_tok && cp "$demo"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} workspace/bench_tok/
+  mkdir -p workspace/bench_tok
+  cp "$demo"/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json} workspace/bench_tok/
 fi
 tar -C workspace -cJf "$out/bench_tok.tar.xz" bench_tok
 du -sh workspace/gpu_py "$out"
