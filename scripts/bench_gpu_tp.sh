@@ -23,7 +23,7 @@ DEADLINE=${DEADLINE:-560}     # seconds for all steps: the device kills the call
 R=${R:-/tmp/tp_gpu_results}   # only the archive goes under $OUT (at most 8 files come back)
 rm -rf "$R"
 mkdir -p "$R" "$OUT"
-export PYTHONPATH=. TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # never NVLink multicast
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 T0=$SECONDS
@@ -72,7 +72,7 @@ else
   nvidia-smi topo -m >> "$R/gpus.txt" 2>&1
   # in the background while steps 1-2 use the GPUs: tritonserver unpacked, the 7B workspace written on CPU
   ( timeout 200 bash .carry/setup.sh > "$R/setup.log" 2>&1
-    timeout 100 $PY -m pip install -q --no-index --no-deps --target /tmp/gsite workspace/gpu_py/*.whl \
+    timeout 100 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite workspace/gpu_py/*.whl \
       >> "$R/setup.log" 2>&1
     cp -r workspace/gpu_py/tritonclient /tmp/gsite/ ) &
   SETUP=$!
@@ -95,7 +95,7 @@ step bench_70b 200 $PY scripts/bench_tp.py --models "" --awq-shape "$AWQ" $BENCH
 if [ "$SMOKE" != 1 ]; then
   wait $SETUP
   source .carry/setup.sh > /dev/null
-  export PYTHONPATH=/tmp/gsite:.
+  export PYTHONPATH=/tmp/gsite:$PWD
 fi
 for _ in $(seq 60); do [ -f /tmp/ws_tp2_awq/model_repository/llm/config.pbtxt ] && break; sleep 1; done
 step serving_awq 180 $PY -m tools.cli bench serving --workspace /tmp/ws_tp2_awq $SERVE_AWQ_ARGS --out-dir "$R" \
