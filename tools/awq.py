@@ -92,7 +92,8 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
         if method not in ("rtn", "awq_gptq") and lin not in fam.no_clip:
             clip = search_clip(weight, sig[inp_of[lin]], group_size, n_grid)
         if method == "awq_gptq":
-            codes, scales, zeros = gptq_quantize(weight, sig[inp_of[lin]], group_size)
+            codes, scales, zeros = gptq_quantize(weight, sig[inp_of[lin]], group_size,
+                                                 shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75))
         else:
             codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
         if method == "awq_refine":

@@ -61,11 +61,30 @@ def refine_groups(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.to(torch.uint8))
 
 
-def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_range(grp: torch.Tensor, b: torch.Tensor, shrinks) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fp16-exact scale, integer zero) per row of grp [out, g]: min / max shrunk by the factor (on the grid)
+    whose round-to-nearest error under the group's moments b [g, g] is smallest."""
+    best = None
+    for f in shrinks:
+        hi, lo = grp.amax(1) * f, grp.amin(1) * f
+        s = ((hi - lo) / QMAX4).clamp_min(1e-5).half().float()
+        z = torch.round(-lo / s).clamp(0, QMAX4)
+        d = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, QMAX4) - z[:, None]) * s[:, None] - grp
+        err = ((d @ b) * d).sum(1)
+        if best is None:
+            best = (err, s, z)
+        else:
+            better = err < best[0]
+            best = tuple(torch.where(better, n, o) for n, o in zip((err, s, z), best))
+    return best[1], best[2]
+
+
+def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128,
+                  shrinks=(1.0,)) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (static groups, no act-order) in the same format: columns quantized left to right, each column's
     rounding error spread over the columns not yet quantized through the inverse Hessian (H = Sigma + damping);
-    each group's (fp16 scale, integer zero) from its min / max when its first column comes up.
+    each group's (fp16 scale, integer zero) from its min / max when its first column comes up (shrunk by the best
+    factor of `shrinks` for that group's round-to-nearest error).
     -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros uint8 [out, in // g])."""
     out_f, in_f = w.shape
     w = w.float().clone()
@@ -86,9 +105,7 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
             col = b0 + j
             if col % group_size == 0:
                 grp = torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group_size]          # this group, as updated
-                hi, lo = grp.amax(1), grp.amin(1)
-                s = ((hi - lo) / QMAX4).clamp_min(1e-5).half().float()
-                z = torch.round(-lo / s).clamp(0, QMAX4)
+                s, z = _group_range(grp, sigma[col:col + group_size, col:col + group_size].float(), shrinks)
                 scales[:, col // group_size], zeros[:, col // group_size] = s, z
             s, z = scales[:, col // group_size], zeros[:, col // group_size]
             x = wb[:, j]
