@@ -74,8 +74,10 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 ( set -e
   if [ "$CARRY" = 1 ]; then
     bash .carry/setup.sh
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite workspace/gpu_py/*.whl
+    # wheels are zip files: unpack them (no pip needed); the stub, the engine and the client all import from here
+    $PY -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gsite') for w in glob.glob('workspace/gpu_py/*.whl')]"
     cp -r workspace/gpu_py/tritonclient /tmp/gsite/
+    ls /tmp/gsite
   fi
   mkdir -p /tmp/perf/lib
   xz -dc workspace/gpu_perf/perf_analyzer.xz > /tmp/perf/perf_analyzer && chmod +x /tmp/perf/perf_analyzer
@@ -102,7 +104,13 @@ step ws_awq_kv8 90 $PY -m scripts.bench_random_workspace --shape "$SHAPE" --dtyp
   --tokenizer "$TOK" --workspace "$WSQ" $WS_PARAMS
 du -sh "$WS16" "$WSQ" 2>/dev/null
 wait "$SETUP"; echo "== setup rc=$? (at ${SECONDS}s)"; tail -n 3 "$R/setup.log"
-if [ "$CARRY" = 1 ]; then source .carry/setup.sh > /dev/null; export PYTHONPATH=/tmp/gsite:$PWD; fi
+if [ "$CARRY" = 1 ]; then
+  source .carry/setup.sh > /dev/null; export PYTHONPATH=/tmp/gsite:$PWD
+  # the frontend runs in the stub's interpreter: it must import zmq, msgpack and tokenizers with numpy < 2
+  "$STUB_BIN/python3" -c "import sys, numpy, zmq, msgpack, tokenizers; print('stub python', sys.version.split()[0], \
+    'numpy', numpy.__version__, 'zmq', zmq.__version__)" || { echo "stub env broken: sys.path below";
+    "$STUB_BIN/python3" -c "import sys; print(sys.path)"; }
+fi
 export PERF_ANALYZER=/tmp/perf/perf_analyzer
 WORKLOAD="--num-prompts $N --max-input-len $MAX_IN --max-output-len $MAX_OUT"
 
