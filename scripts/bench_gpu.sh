@@ -106,8 +106,14 @@ du -sh "$WS16" "$WSQ" 2>/dev/null
 wait "$SETUP"; echo "== setup rc=$? (at ${SECONDS}s)"; tail -n 3 "$R/setup.log"
 if [ "$CARRY" = 1 ]; then
   source .carry/setup.sh > /dev/null; export PYTHONPATH=/tmp/gsite:$PWD
+  # the stub does not see PYTHONPATH (it found `backend` only through its working directory): put pyzmq and
+  # msgpack into the stub's own site-packages and the image's (the engine process runs in the image's python)
+  for py in "$STUB_BIN/python3" "$ENGINE_PYTHON"; do
+    "$py" -c "import glob, site, zipfile; [zipfile.ZipFile(w).extractall(site.getsitepackages()[0])
+for w in glob.glob('workspace/gpu_py/pyzmq-*.whl') + glob.glob('workspace/gpu_py/msgpack-*.whl')]"
+  done
   # the frontend runs in the stub's interpreter: it must import zmq, msgpack and tokenizers with numpy < 2
-  "$STUB_BIN/python3" -c "import sys, numpy, zmq, msgpack, tokenizers; print('stub python', sys.version.split()[0], \
+  env -u PYTHONPATH "$STUB_BIN/python3" -c "import sys, numpy, zmq, msgpack, tokenizers; print('stub python', sys.version.split()[0], \
     'numpy', numpy.__version__, 'zmq', zmq.__version__)" || { echo "stub env broken: sys.path below";
     "$STUB_BIN/python3" -c "import sys; print(sys.path)"; }
 fi
