@@ -72,7 +72,7 @@ else
   nvidia-smi topo -m >> "$R/gpus.txt" 2>&1
   # in the background while steps 1-2 use the GPUs: tritonserver unpacked, the 7B workspace written on CPU
   ( timeout 200 bash .carry/setup.sh > "$R/setup.log" 2>&1
-    timeout 100 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gsite workspace/gpu_py/*.whl \
+    $PY -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/gsite') for w in glob.glob('workspace/gpu_py/*.whl')]" \
       >> "$R/setup.log" 2>&1
     cp -r workspace/gpu_py/tritonclient /tmp/gsite/ ) &
   SETUP=$!
@@ -96,6 +96,11 @@ if [ "$SMOKE" != 1 ]; then
   wait $SETUP
   source .carry/setup.sh > /dev/null
   export PYTHONPATH=/tmp/gsite:$PWD
+  # the stub does not see PYTHONPATH: pyzmq and msgpack into the stub's and the image's site-packages (as bench_gpu.sh)
+  for py in "$STUB_BIN/python3" "$ENGINE_PYTHON"; do
+    "$py" -c "import glob, site, zipfile; [zipfile.ZipFile(w).extractall(site.getsitepackages()[0])
+for w in glob.glob('workspace/gpu_py/pyzmq-*.whl') + glob.glob('workspace/gpu_py/msgpack-*.whl')]"
+  done
 fi
 for _ in $(seq 60); do [ -f /tmp/ws_tp2_awq/model_repository/llm/config.pbtxt ] && break; sleep 1; done
 step serving_awq 180 $PY -m tools.cli bench serving --workspace /tmp/ws_tp2_awq $SERVE_AWQ_ARGS --out-dir "$R" \
