@@ -51,8 +51,8 @@ def _build(shape: str, quant, kv: str, rotation: str):
     from scripts.bench_common import AWQ_GROUP_SIZE, SHAPES, random_awq_weights
     cfg = replace(SHAPES[shape], quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if quant else None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"        # cpu: the smoke test of tests/test_quant_gpu.py
-    config = EngineConfig(device=dev, dtype="float16" if dev == "cuda" else "float32", kv_cache_dtype=kv, kv_rotation=rotation,
-                          session_len=SESSION_LEN, max_batch_size=SESSIONS, cache_block_seq_len=BLOCK,
+    config = EngineConfig(device=dev, dtype="float16" if dev == "cuda" else "float32", kv_cache_dtype=kv,
+                          kv_rotation=rotation, session_len=SESSION_LEN, max_batch_size=SESSIONS, cache_block_seq_len=BLOCK,
                           cache_max_entry_count=SESSIONS * SESSION_LEN // BLOCK, max_prefill_token_num=8192)
     weights = (random_awq_weights if quant else random_weights)(cfg, torch.float16 if dev == "cuda" else torch.float32,
                                                                  dev, 0)
@@ -80,6 +80,8 @@ def measure_row(shape: str, label: str, quant, kv: str, rotation: str, bw: float
         torch.cuda.synchronize()
     row = {"label": label, "quant": quant or "none", "kv_cache_dtype": kv, "kv_rotation": rotation,
            "rotated": model.rot is not None, "kv_blocks": engine.runner.num_blocks,
+           "fused_rope_kv": bool(model.fuse_rope_kv and model.rot is None and model.kv_qparams is None),
+           "decode_step_in_graph": engine.config.decode_step_in_graph,
            "kv_bytes_per_token": engine.runner.kv_bytes_per_token, "weight_bytes": wbytes,
            "engine_mib": mib(torch.cuda.memory_allocated() if cuda else 0),
            "peak_mib": mib(torch.cuda.max_memory_allocated() if cuda else 0),
@@ -113,7 +115,8 @@ def gpu_markdown(res: dict, command: str) -> str:
     lines = [f"GPU columns, {res['shape']} shape with random weights (fp16 activations, CUDA graphs): engine memory "
              f"with a KV cache of {res['sessions']} sessions x {res['session_len']} tokens; bs=1 decode of "
              f"{res['new_tokens']} tokens after a 128-token prompt. Command: `{command}`. Machine: "
-             f"{res['device']}, torch {res['torch']}. Date: {res['date']}.", "",
+             f"{res['device']}, torch {res['torch']}. Date: {res['date']}. Engine defaults otherwise (decode fast "
+             f"paths on; a rotated row cannot use the fused rotary + KV-write kernel: the rotation sits between).", "",
              "| configuration | KV bytes / token | weights read / step (MiB) | engine memory (MiB) | peak (MiB) | "
              "bs=1 decode tok/s | of the bandwidth limit |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
