@@ -52,10 +52,11 @@ def _build(shape: str, quant, kv: str, rotation: str):
     cfg = replace(SHAPES[shape], quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP_SIZE} if quant else None)
     dev = "cuda" if torch.cuda.is_available() else "cpu"        # cpu: the smoke test of tests/test_quant_gpu.py
     config = EngineConfig(device=dev, dtype="float16" if dev == "cuda" else "float32", kv_cache_dtype=kv,
-                          kv_rotation=rotation, session_len=SESSION_LEN, max_batch_size=SESSIONS, cache_block_seq_len=BLOCK,
-                          cache_max_entry_count=SESSIONS * SESSION_LEN // BLOCK, max_prefill_token_num=8192)
-    weights = (random_awq_weights if quant else random_weights)(cfg, torch.float16 if dev == "cuda" else torch.float32,
-                                                                 dev, 0)
+                          kv_rotation=rotation, session_len=SESSION_LEN, max_batch_size=SESSIONS,
+                          cache_block_seq_len=BLOCK, cache_max_entry_count=SESSIONS * SESSION_LEN // BLOCK,
+                          max_prefill_token_num=8192)
+    make = random_awq_weights if quant else random_weights
+    weights = make(cfg, torch.float16 if dev == "cuda" else torch.float32, dev, 0)
     engine = LLMEngine(config, model_cfg=cfg, weights=weights)
     del weights
     return engine
