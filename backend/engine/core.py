@@ -185,8 +185,11 @@ def main(argv=None) -> int:
     engine = build_engine(json.loads(args.config))
     core = EngineCore(engine, args.addr, args.watch_pid)
     log.info("engine: serving on %s (pid %d)", args.addr, os.getpid())
-    core.run()
-    return 0
+    core.run()                      # closes the engine (tp workers stopped, bounded) and the socket
+    # the process has nothing left to do: skip the interpreter's teardown, where a tp=2 engine whose NCCL teardown
+    # timed out lingered on the GPUs after tritonserver had stopped (2 x H200, 2026-11-22)
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

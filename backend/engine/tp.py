@@ -156,7 +156,20 @@ def _worker_main(rank: int, config: EngineConfig, model_cfg: ModelConfig, weight
         except OSError:
             pass
         os._exit(1)
+    _release_graphs(runner)
     _leave_group()
+    # never through the interpreter's teardown: a destroy thread still stuck in NCCL made the 2-GPU runs abort at
+    # exit ("terminate called without an active exception") or linger past tritonserver's shutdown
+    logging.shutdown()
+    os._exit(0)
+
+
+def _release_graphs(runner) -> None:
+    """Drop a rank's CUDA graphs (they hold the communicator's captured kernels) before the group is destroyed."""
+    if runner is not None and getattr(runner, "graphs", None) is not None:
+        runner.graphs = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def _free_port() -> int:
@@ -184,7 +197,8 @@ def _shutdown(procs, conns, state: dict) -> None:
             c.send(("stop",))
         except (OSError, ValueError):
             pass
-    _leave_group()          # at the same time as the workers: NCCL's teardown is collective
+    _release_graphs(state.get("runner"))
+    state["left_group"] = _leave_group()   # at the same time as the workers: NCCL's teardown is collective
     for p in procs:
         p.join(10)
         if p.is_alive():
@@ -228,6 +242,7 @@ class TPRunner:
             self._expect("ready", "start-up")
             _init_group(self.backend, port, 0, config.tp)
             self.runner = _build_rank(config, self.model_cfg, weights, 0, None)
+            self._state["runner"] = self.runner      # the finalizer drops its graphs before leaving the group
             if self.runner.num_blocks < 2:     # workers get the count as cache_max_entry_count, where 1 is a fraction
                 raise ValueError(f"tp={config.tp}: only {self.runner.num_blocks} KV block fits; raise "
                                  f"cache_max_entry_count")
