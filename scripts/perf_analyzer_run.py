@@ -98,7 +98,7 @@ def merge(csvs: List[Path], out_dir: Path) -> List[dict]:
 
 
 SUMMARY = [("concurrency", "concurrency"), ("req_s", "requests/s"), ("responses_s", "responses/s"),
-           ("p50_ms", "first response ms p50"), ("p90_ms", "p90"), ("p99_ms", "p99")]
+           ("p50_ms", "request latency ms p50"), ("p90_ms", "p90"), ("p99_ms", "p99")]
 
 
 def summarize(row: dict) -> dict:
@@ -166,8 +166,10 @@ def main(argv=None) -> int:
     rows = merge(csvs, out)
     m = bench_report.meta("perf", argv)
     head = f"`python -m scripts.perf_analyzer_run {' '.join(argv)}` (`make perf`) — " \
-           f"{m['machine'].get('gpu', m['machine']['host_cpu'])}, {m['date_utc']}. perf_analyzer measures a " \
-           f"decoupled model's latency to its FIRST response (time to first token).\n\n"
+           f"{m['machine'].get('gpu', m['machine']['host_cpu'])}, {m['date_utc']}. perf_analyzer 2.51 prints " \
+           f"'using the first response for measuring latency' for our decoupled model, but its latency matched the " \
+           f"whole request's (GPU run of docs/benchmarks.md): read it as request latency; TTFT and ITL come " \
+           f"from `lmtriton bench serving`.\n\n"
     (out / "perf.md").write_text(head + bench_report.markdown_table([summarize(r) for r in rows], SUMMARY) + "\n")
     log.info("perf_analyzer: %d of %d levels measured; results in %s", len(csvs), len(levels), out)
     return 0 if len(csvs) == len(levels) else 1

@@ -148,4 +148,4 @@ def test_serving_and_perf_analyzer_against_tritonserver(random_workspace, tmp_pa
     with open(tmp_path / "perf" / "perf.csv") as f:
         row = next(csv.DictReader(f))
     assert row["Concurrency"] == "1" and float(row["Inferences/Second"]) > 0
-    assert "first response ms p50" in (tmp_path / "perf" / "perf.md").read_text()
+    assert "request latency ms p50" in (tmp_path / "perf" / "perf.md").read_text()
