@@ -2,7 +2,8 @@
 the paged cache (gather + SDPA) against SDPA on contiguous K/V (what a fused flash kernel could at best reach).
 
   PYTHONPATH=. python3 scripts/bench_attention.py --out $OUT/attention.json
-Decode: batch 16 x 4096 context, block 64, the Llama-2-7B (32:32) and Llama-3-8B (32:8) attention shapes.
+Decode: batch 16 x 4096 context, block 64, the Llama-2-7B (32:32) and Llama-3-8B (32:8) attention shapes, each with
+the CUDA-core kernel ("cuda") and the tensor-core kernel ("mma") in the same run.
 Bytes counted: K and V of every context token (codes + per-token scale/zero for int8/int4), read once.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers):
     return cache, tables, lens, q, 2 * batch * ctx * hk * per_head
 
 
-def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0):
+def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, impl="cuda"):
     hq, hk, d = shape
     layers = 4                                   # rotate layers so that L2 never holds the cache
     cache, tables, lens, q, nbytes = _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers)
@@ -68,13 +69,15 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0):
     def step():
         layer = cache.layer(state["i"] % layers)
         state["i"] += 1
-        pa.paged_decode(q, layer, tables, lens, ctx, 1 / math.sqrt(d), partition)
+        pa.paged_decode(q, layer, tables, lens, ctx, 1 / math.sqrt(d), partition, impl=impl)
     ms = time_ms(step, iters=40)
     del cache
+    fixed = partition > 0
     if partition <= 0:
-        partition = pa.SMALL_PARTITION if batch * hq // pa.rep_tile(hq // hk) < pa.SMALL_GRID else pa.PARTITION
-    return {"shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
-            "partition": partition, "ms": ms, "bytes": nbytes, "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
+        partition = pa.default_partition(batch, hq, hk, impl)
+    return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
+            "partition": partition, "fixed_partition": fixed, "ms": ms, "bytes": nbytes,
+            "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
 
 
 def bench_prefill(hq=32, hk=8, d=128, q_len=2048, prefix=0, bs=64):
@@ -105,24 +108,49 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--quick", action="store_true", help="only the headline decode cases")
+    ap.add_argument("--impl", default="cuda,mma", help="decode kernels to time, comma-separated: cuda, mma")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill cases")
+    ap.add_argument("--mma-tiles", default="", help="also time the mma kernel's int8/int4 cases with these tiles "
+                    "in flight per warp (comma-separated, e.g. 1,2,4; default: the kernel's choice only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bw = copy_bandwidth()
     res = {"device": torch.cuda.get_device_name(), "copy_bw_GBps": bw / 1e9, "decode": [], "prefill": []}
-    for shape in ((32, 32, 128), (32, 8, 128)):
-        for kv in ("auto", "int8", "int4"):
-            res["decode"].append(bench_decode(shape, kv, bw))
+    impls = args.impl.split(",")
+    for impl in impls:
+        for shape in ((32, 32, 128), (32, 8, 128)):
+            for kv in ("auto", "int8", "int4"):
+                res["decode"].append(bench_decode(shape, kv, bw, impl=impl))
     if not args.quick:
-        for part in (128, 256, 1024):   # fixed partitions against the default
-            res["decode"].append(bench_decode((32, 8, 128), "auto", bw, partition=part))
-        res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=1, ctx=4096))
-        res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=64, ctx=1024))
+        for impl in impls:
+            for part in (128, 256, 1024):   # fixed partitions against the default
+                res["decode"].append(bench_decode((32, 8, 128), "auto", bw, partition=part, impl=impl))
+            for kv in ("auto", "int8"):
+                res["decode"].append(bench_decode((32, 8, 128), kv, bw, batch=1, ctx=4096, impl=impl))
+            res["decode"].append(bench_decode((32, 8, 128), "auto", bw, batch=64, ctx=1024, impl=impl))
+            res["decode"].append(bench_decode((15, 5, 64), "auto", bw, impl=impl))    # SmolLM2-360M-like, G=3
+    for tiles in [int(t) for t in args.mma_tiles.split(",") if t]:
+        pa.MMA_TILES = tiles
+        for shape in ((32, 32, 128), (32, 8, 128)):
+            for kv in ("int8", "int4"):
+                res["decode"].append(dict(bench_decode(shape, kv, bw, impl="mma"), tiles=tiles))
+        pa.MMA_TILES = 0
+    if not args.quick and not args.no_prefill:
         res["prefill"].append(bench_prefill(q_len=2048, prefix=0))
         res["prefill"].append(bench_prefill(q_len=512, prefix=1536))
     log.info("copy bandwidth %.0f GB/s on %s", bw / 1e9, res["device"])
+    key = lambda r: (r["shape"], r["kv"], r["batch"], r["ctx"], r["partition"] if r["fixed_partition"] else 0)
+    tiles = lambda r: f" tiles={r['tiles']}" if "tiles" in r else ""
+    fp16_ms = {(r["impl"],) + key(r)[:1] + key(r)[2:]: r["ms"] for r in res["decode"] if r["kv"] == "auto"}
+    cuda_ms = {key(r): r["ms"] for r in res["decode"] if r["impl"] == "cuda"}
     for r in res["decode"]:
-        log.info("decode %-9s kv=%-4s B=%-3d ctx=%-5d P=%-4d %8.3f ms  %5.1f%% of copy bw", r["shape"], r["kv"],
-                 r["batch"], r["ctx"], r["partition"], r["ms"], 100 * r["frac_of_copy_bw"])
+        base = fp16_ms.get((r["impl"],) + key(r)[:1] + key(r)[2:])
+        old = cuda_ms.get(key(r))
+        r["vs_fp16_kv"] = r["ms"] / base if base else None
+        r["vs_cuda"] = r["ms"] / old if old else None
+        log.info("decode %-4s %-9s kv=%-4s B=%-3d ctx=%-5d P=%-4d %8.3f ms  %5.1f%% of copy bw  %.2fx fp16 KV"
+                 "  %.2fx cuda%s", r["impl"], r["shape"], r["kv"], r["batch"], r["ctx"], r["partition"], r["ms"],
+                 100 * r["frac_of_copy_bw"], r["vs_fp16_kv"] or 0, r["vs_cuda"] or 0, tiles(r))
     for r in res["prefill"]:
         log.info("prefill q=%d prefix=%d: gather+SDPA %.3f ms, SDPA contiguous %.3f ms", r["q_len"], r["prefix"],
                  r["gather_sdpa_ms"], r["sdpa_contiguous_ms"])

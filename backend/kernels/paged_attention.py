@@ -10,6 +10,7 @@ gather their blocks and run torch SDPA (flash / memory-efficient attention), see
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import List
 
@@ -20,11 +21,16 @@ import torch.nn.functional as F
 from . import _cupy
 from .kv_cache import KVLayer, dequantize_ref, gather_kv_ref
 from .paged_attention_cuda import DECODE_SOURCE
+from .paged_attention_mma import MMA_SOURCE
 
 PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs=1): never depends on the
 SMALL_PARTITION = 128    # context bound, so a CUDA graph's static bound gives the eager path's exact result
 SMALL_GRID = 64          # CTAs per split below which the small partition is used (bs=1; measured, docs)
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
+# Decode kernel: "cuda" (CUDA cores, paged_attention_cuda.py) or "mma" (tensor cores, paged_attention_mma.py, for
+# GQA ratios <= 8; others fall back to "cuda"). The bench and tests flip this module constant.
+DECODE_IMPL = os.environ.get("LMTRITON_DECODE_ATTN", "cuda")
+MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp (0: its default, 1/2/4 by KV kind)
 _LOG2E = 1.4426950408889634
 
 
@@ -67,14 +73,32 @@ def rep_tile(rep: int) -> int:
     return rep if best == 1 and rep <= 8 else best
 
 
+def use_mma(hq: int, hk: int, impl: str = "") -> bool:
+    """Whether the tensor-core kernel takes this shape under `impl` ("" = DECODE_IMPL)."""
+    impl = impl or DECODE_IMPL
+    if impl not in ("cuda", "mma"):
+        raise ValueError(f"decode attention impl must be 'cuda' or 'mma', got {impl!r}")
+    return impl == "mma" and hq // hk <= 8
+
+
+def default_partition(b: int, hq: int, hk: int, impl: str = "") -> int:
+    """Tokens per split: the small partition when one split's grid is below SMALL_GRID CTAs."""
+    ctas = b * hk if use_mma(hq, hk, impl) else b * (hq // rep_tile(hq // hk))
+    return SMALL_PARTITION if ctas < SMALL_GRID else PARTITION
+
+
 def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 max_context_len: int, scale: float, partition: int = 0) -> torch.Tensor:
-    """q: [B, Hq, D] one token per sequence -> [B, Hq, D]. Reads only device tensors (CUDA-graph safe)."""
+                 max_context_len: int, scale: float, partition: int = 0, impl: str = "") -> torch.Tensor:
+    """q: [B, Hq, D] one token per sequence -> [B, Hq, D]. Reads only device tensors (CUDA-graph safe).
+    partition (tokens per split) must be a multiple of 16; impl "" = DECODE_IMPL."""
     b, hq, d = q.shape
     hk = layer.k.shape[1]
     tile = rep_tile(hq // hk)
+    mma = use_mma(hq, hk, impl) and layer.block_size >= 16      # a 16-token tile never straddles a block
     if partition <= 0:
-        partition = SMALL_PARTITION if b * (hq // tile) < SMALL_GRID else PARTITION
+        partition = default_partition(b, hq, hk, impl)
+    if mma and partition % 16:
+        raise ValueError(f"partition must be a multiple of 16 for the tensor-core kernel, got {partition}")
     nsplit = max(1, -(-max_context_len // partition))
     out = torch.empty_like(q)
     if b == 0:
@@ -87,7 +111,13 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
         part_ml = torch.empty(b, hq, nsplit, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out      # unused by the kernel
-    _cupy.launch(_cupy.get_kernel(DECODE_SOURCE, "paged_decode", opts), (hq // tile, b, nsplit), (128,),
+    if mma:
+        tiles = (f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()
+        kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles)
+        grid = (hk, b, nsplit)
+    else:
+        kernel, grid = _cupy.get_kernel(DECODE_SOURCE, "paged_decode", opts), (hq // tile, b, nsplit)
+    _cupy.launch(kernel, grid, (128,),
                  (q, layer.k, layer.v, layer.k_qp if quant else _cupy.null_ptr(),
                   layer.v_qp if quant else _cupy.null_ptr(), block_tables, np.int32(block_tables.shape[1]),
                   context_lens, out, part_acc, part_ml, np.int32(hq), np.int32(hk),
