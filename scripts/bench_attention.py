@@ -75,6 +75,8 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, im
     fixed = partition > 0
     if partition <= 0:
         partition = pa.default_partition(batch, hq, hk, impl)
+    log.info("  %s %s:%sx%s kv=%s B=%d ctx=%d P=%d%s: %.3f ms", impl, hq, hk, d, kv_dtype, batch, ctx, partition,
+             f" tiles={pa.MMA_TILES}" if impl == "mma" and pa.MMA_TILES else "", ms)
     return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
             "partition": partition, "fixed_partition": fixed, "ms": ms, "bytes": nbytes,
             "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
