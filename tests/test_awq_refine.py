@@ -31,3 +31,32 @@ def test_gptq_spreads_rounding_error_over_correlated_inputs():
     codes, scales, zeros = gptq_quantize(w, sigma, 32)
     assert (codes.dtype, scales.dtype, zeros.dtype) == (torch.uint8, torch.float16, torch.uint8)
     assert output_error(dequantize(codes, scales, zeros) - w, sigma) < 0.8 * rtn
+
+
+def test_gptq_act_order_static_groups_joint_range_keep_the_format():
+    from tools.awq_refine import gptq_quantize
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(2000, 256, generator=g) * (3 * torch.rand(256, generator=g))
+    x[:, 1:] += 0.5 * x[:, :-1]
+    sigma = x.t() @ x / 2000
+    rtn = output_error(dequantize(*quantize_rtn(w, 32, search_clip(w, sigma, 32))) - w, sigma)
+    for kw in ({"act_order": True}, {"joint": True}, {"act_order": True, "joint": True, "damp": 0.1}):
+        codes, scales, zeros = gptq_quantize(w, sigma, 32, shrinks=(1.0, 0.9), **kw)
+        assert (codes.dtype, scales.dtype, zeros.dtype) == (torch.uint8, torch.float16, torch.uint8), kw
+        assert scales.shape == (64, 8) and int(codes.max()) <= 15 and int(zeros.max()) <= 15, kw
+        assert output_error(dequantize(codes, scales, zeros) - w, sigma) < 0.8 * rtn, kw
+
+
+def test_joint_range_finds_the_lattice_step_of_a_q4_1_group():
+    from tools.awq_refine import _group_range, _lattice_step
+    g = torch.Generator().manual_seed(3)
+    d = torch.rand(16, 1, generator=g) * 0.1 + 0.01
+    q = torch.randint(2, 12, (16, 32), generator=g).float()
+    q[:, 0], q[:, 1] = 2, 11                                   # 10 levels used of 16: range / 15 is not the step
+    grp = (q - 7) * d.half().float()                           # an integer zero (7) exists for this lattice
+    assert torch.allclose(_lattice_step(grp), d.half().float().squeeze(1), rtol=1e-3)
+    for joint, exact in ((False, False), (True, True)):
+        s, z = _group_range(grp, torch.eye(32), (1.0,), joint=joint)
+        deq = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, 15) - z[:, None]) * s[:, None]
+        assert torch.allclose(deq, grp, atol=1e-6) == exact

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
 
 from .awq_refine import gptq_quantize, refine_groups
-from .awq_search import gram, quantize_rtn, search_clip, search_scale
+from .awq_search import dequantize, gram, quantize_rtn, search_clip, search_scale
 from .calibrate import calib_windows, calibrate, load_stats
 from .layerwise import LayerwiseCheckpoint, layer_forward
 from .quant_family import QuantFamily
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # awq_refine / awq_gptq: AWQ's scales, then tools/awq_refine.py (per-group refinement / GPTQ error feedback)
 METHODS = ("awq", "rtn", "awq_refine", "awq_gptq")
+# awq_gptq's defaults (tools/awq_refine.py gptq_quantize): 1% damping, left-to-right, shrink grid of the ranges
+GPTQ_DEFAULTS = {"damp": 0.01, "act_order": False, "joint": False, "shrinks": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)}
 
 
 def valid_group_sizes(in_features) -> list:
@@ -59,51 +61,103 @@ def check_quant_args(ckpt: LayerwiseCheckpoint, w_bits: int, group_size: Optiona
     return group_size
 
 
+def fold_scales(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, sig: Dict[str, torch.Tensor],
+                stats: dict, n_grid: int = 20) -> list:
+    """AWQ's scale search per scale group, folded into w in place (norm weight / s, or the previous linear's
+    rows / s; the linears' columns * s); sig (input name -> E[x x^T]) becomes the moments of x / s.
+    -> report strings "input:ratio/error vs RTN"."""
+    report = []
+    for g in fam.groups:
+        ws = [w[lin + ".weight"] for lin in g.linears]
+        prev = w[g.prev + ".weight"]
+        if prev.shape[0] != ws[0].shape[1]:
+            continue                     # e.g. v -> o under GQA: v's outputs are not o's inputs one to one
+        s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size, n_grid)
+        report.append(f"{g.inp}:{ratio:.2f}/{rel:.2f}")
+        if g.prev in fam.norms:
+            w[g.prev + ".weight"] = prev / s
+        else:                            # a linear [out, in]: its output rows carry the 1/s
+            w[g.prev + ".weight"] = prev / s[:, None]
+            if g.prev + ".bias" in w:
+                w[g.prev + ".bias"] = w[g.prev + ".bias"] / s
+        for lin in g.linears:
+            w[lin + ".weight"] = w[lin + ".weight"] * s
+        sig[g.inp] = sig[g.inp] / s[:, None] / s[None, :]    # moments of the scaled input x / s
+    return report
+
+
+def quantize_linear(weight: torch.Tensor, sigma: Optional[torch.Tensor], group_size: int, method: str,
+                    clip_it: bool = True, n_grid: int = 20, gptq: Optional[dict] = None):
+    """One (scaled) linear [out, in] -> (codes uint8 [out, in], scales fp16 [out, ng], zeros uint8 [out, ng]).
+    gptq: keyword arguments of gptq_quantize (damp, act_order, joint) for awq_gptq."""
+    if method == "awq_gptq":
+        return gptq_quantize(weight, sigma, group_size, **dict(GPTQ_DEFAULTS, **(gptq or {})))
+    clip = None
+    if method != "rtn" and clip_it:
+        clip = search_clip(weight, sigma, group_size, n_grid)
+    codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
+    if method == "awq_refine":
+        codes, scales, zeros = refine_groups(weight, codes, scales, zeros, sigma, group_size)
+    return codes, scales, zeros
+
+
+def _pack(out: Dict[str, torch.Tensor], lin: str, codes, scales, zeros) -> None:
+    out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
+    out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
+    out[lin + ".scales"] = scales.t().contiguous()                    # [in / g, out] fp16
+
+
 def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, method: str,
                    sigmas: Optional[Dict[str, torch.Tensor]] = None, stats: Optional[dict] = None,
-                   n_grid: int = 20) -> Dict[str, torch.Tensor]:
+                   n_grid: int = 20, gptq: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     """One decoder layer, HF suffix -> float32 tensor. sigmas: input name -> E[x x^T] [C, C] (awq only);
     stats: that layer's calibration statistics (awq only). -> HF suffixes of the quantized layer."""
     w = dict(w)
     sig = dict(sigmas or {})
     inp_of = {lin: g.inp for g in fam.groups for lin in g.linears}
-    report = []
-    if method != "rtn":
-        for g in fam.groups:
-            ws = [w[lin + ".weight"] for lin in g.linears]
-            prev = w[g.prev + ".weight"]
-            if prev.shape[0] != ws[0].shape[1]:
-                continue                     # e.g. v -> o under GQA: v's outputs are not o's inputs one to one
-            s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size, n_grid)
-            report.append(f"{g.inp}:{ratio:.2f}/{rel:.2f}")
-            if g.prev in fam.norms:
-                w[g.prev + ".weight"] = prev / s
-            else:                            # a linear [out, in]: its output rows carry the 1/s
-                w[g.prev + ".weight"] = prev / s[:, None]
-                if g.prev + ".bias" in w:
-                    w[g.prev + ".bias"] = w[g.prev + ".bias"] / s
-            for lin in g.linears:
-                w[lin + ".weight"] = w[lin + ".weight"] * s
-            sig[g.inp] = sig[g.inp] / s[:, None] / s[None, :]    # moments of the scaled input x / s
+    report = fold_scales(w, fam, group_size, sig, stats, n_grid) if method != "rtn" else []
     out = {k: v for k, v in w.items() if not any(k.startswith(lin + ".weight") for lin in fam.linears)}
     for lin in fam.linears:
-        weight = w[lin + ".weight"]
-        clip = None
-        if method not in ("rtn", "awq_gptq") and lin not in fam.no_clip:
-            clip = search_clip(weight, sig[inp_of[lin]], group_size, n_grid)
-        if method == "awq_gptq":
-            codes, scales, zeros = gptq_quantize(weight, sig[inp_of[lin]], group_size,
-                                                 shrinks=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75))
-        else:
-            codes, scales, zeros = quantize_rtn(weight, group_size, clip)   # [out, in], [out, ng], [out, ng]
-        if method == "awq_refine":
-            codes, scales, zeros = refine_groups(weight, codes, scales, zeros, sig[inp_of[lin]], group_size)
-        out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
-        out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
-        out[lin + ".scales"] = scales.t().contiguous()                    # [in / g, out] fp16
+        _pack(out, lin, *quantize_linear(w[lin + ".weight"], sig.get(inp_of[lin]), group_size, method,
+                                         lin not in fam.no_clip, n_grid, gptq))
     if report:
         log.debug("awq scale ratio / error vs RTN: %s", " ".join(report))
     return out
+
+
+def quantize_layer_sequential(w: Dict[str, torch.Tensor], cfg, fam: QuantFamily, x: torch.Tensor,
+                              group_size: int, method: str, stats: dict, n_grid: int = 20,
+                              gptq: Optional[dict] = None, batch: int = 4):
+    """"True sequential": AWQ's scales from the layer's input x (already the quantized previous layers'
+    output), then the linears quantized group by group (qkv, o, gate_up, down), each on the moments of its input
+    as the already-quantized linears before it produce it. -> (HF suffixes of the quantized layer, the quantized
+    layer's output for the next layer)."""
+    w = dict(w)
+    sums: Dict[str, torch.Tensor] = {}
+
+    def observe(name, t):
+        if name not in ("k", "v"):
+            sums[name] = sums[name] + gram(t) if name in sums else gram(t)
+    tokens = x.shape[0] * x.shape[1]
+    layer_forward(w, cfg, fam, x, observe, batch)
+    sig = {k: v / tokens for k, v in sums.items()}
+    report = fold_scales(w, fam, group_size, sig, stats, n_grid) if method != "rtn" else []
+    out = {}
+    for gi, g in enumerate(fam.groups):
+        if gi:                                               # the input as the quantized linears before make it
+            sums.clear()
+            layer_forward(w, cfg, fam, x, observe, batch, until=g.inp if g.inp != "down" else None)
+            sig[g.inp] = sums[g.inp] / tokens
+        for lin in g.linears:
+            q = quantize_linear(w[lin + ".weight"], sig[g.inp], group_size, method, lin not in fam.no_clip,
+                                n_grid, gptq)
+            _pack(out, lin, *q)
+            w[lin + ".weight"] = dequantize(*q)
+    x = layer_forward(w, cfg, fam, x, None, batch)
+    out.update({k: v for k, v in w.items() if not any(k.startswith(lin + ".weight") for lin in fam.linears)})
+    if report:
+        log.debug("awq scale ratio / error vs RTN: %s", " ".join(report))
+    return out, x
 
 
 def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[str, torch.Tensor],
@@ -127,13 +181,22 @@ def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[st
 
 def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int] = 128, calib=None,
                    method: str = "awq", search_tokens: int = 4096, batch: int = 4, progress: bool = True,
-                   n_grid: int = 20) -> Path:
+                   n_grid: int = 20, gptq: Optional[dict] = None, true_sequential: bool = False) -> Path:
     """Quantize an HF checkpoint into an HF-style AWQ checkpoint in out_dir.
     calib: a work dir holding `lite calibrate` statistics; None calibrates first (32 x 512 wiki tokens) into
     out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits.
-    n_grid: points of the scale and clip grids (fewer: faster, slightly less accurate)."""
+    n_grid: points of the scale and clip grids (fewer: faster, slightly less accurate). gptq: awq_gptq options
+    (damp, act_order, joint; GPTQ_DEFAULTS). true_sequential: each linear on inputs from the quantized ones
+    before it (quantize_layer_sequential; about 4 more layer forwards per layer)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if true_sequential and method == "rtn":
+        raise ValueError("true_sequential needs calibration: method must be one of awq, awq_refine, awq_gptq")
+    bad = set(gptq or {}) - set(GPTQ_DEFAULTS)
+    if bad:
+        raise ValueError(f"gptq options must be among {sorted(GPTQ_DEFAULTS)}, got {sorted(bad)}")
+    if gptq and not 0 < gptq.get("damp", 0.01) <= 1:
+        raise ValueError(f"gptq damp must be in (0, 1], got {gptq['damp']}")
     t0 = time.time()
     ckpt = LayerwiseCheckpoint(model_dir)
     cfg, fam = ckpt.cfg, ckpt.family
@@ -155,7 +218,10 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
         for i in tqdm(range(cfg.num_layers), desc=f"{method} g{group_size}", unit="layer", disable=not progress):
             w = ckpt.layer(i)
             sigmas = None
-            if x is not None:
+            if true_sequential:
+                q, x = quantize_layer_sequential(w, cfg, fam, x, group_size, method, stats["layers"][i], n_grid,
+                                                 gptq, batch)
+            elif x is not None:
                 sums: Dict[str, torch.Tensor] = {}
 
                 def observe(name, t):
@@ -164,7 +230,9 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
                 x = layer_forward(w, cfg, fam, x, observe, batch)
                 tokens = x.shape[0] * x.shape[1]
                 sigmas = {k: v / tokens for k, v in sums.items()}
-            q = quantize_layer(w, fam, group_size, method, sigmas, stats["layers"][i] if stats else None, n_grid)
+            if not true_sequential:
+                q = quantize_layer(w, fam, group_size, method, sigmas, stats["layers"][i] if stats else None,
+                                   n_grid, gptq)
             for k, v in q.items():
                 tensors[f"{pre}{i}.{k}"] = v.to(dtype) if v.dtype == torch.float32 else v
     _write_checkpoint(ckpt, out_dir, tensors, group_size, method)

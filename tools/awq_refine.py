@@ -61,53 +61,87 @@ def refine_groups(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.to(torch.uint8))
 
 
-def _group_range(grp: torch.Tensor, b: torch.Tensor, shrinks) -> Tuple[torch.Tensor, torch.Tensor]:
+def _group_range(grp: torch.Tensor, b: torch.Tensor, shrinks, joint: bool = False
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fp16-exact scale, integer zero) per row of grp [out, g]: min / max shrunk by the factor (on the grid)
-    whose round-to-nearest error under the group's moments b [g, g] is smallest."""
-    best = None
+    whose round-to-nearest error under the group's moments b [g, g] is smallest. joint: every scale candidate
+    (the shrunk ranges / 15 and the lattice step of the group's distinct values, as a Q4_1 group has) is tried
+    with the integer zeros around its min-based one (-2 .. +2), and the best (scale, zero) pair is kept."""
+    cands = []
     for f in shrinks:
         hi, lo = grp.amax(1) * f, grp.amin(1) * f
-        s = ((hi - lo) / QMAX4).clamp_min(1e-5).half().float()
-        z = torch.round(-lo / s).clamp(0, QMAX4)
-        d = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, QMAX4) - z[:, None]) * s[:, None] - grp
-        err = ((d @ b) * d).sum(1)
-        if best is None:
-            best = (err, s, z)
-        else:
-            better = err < best[0]
-            best = tuple(torch.where(better, n, o) for n, o in zip((err, s, z), best))
+        cands.append((((hi - lo) / QMAX4).clamp_min(1e-5).half().float(), lo))
+    if joint:
+        cands.append((_lattice_step(grp), grp.amin(1)))
+    best = None
+    for s, lo in cands:
+        z0 = torch.round(-lo / s)
+        for dz in ((-2, -1, 0, 1, 2) if joint else (0,)):
+            z = (z0 + dz).clamp(0, QMAX4)
+            d = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, QMAX4) - z[:, None]) * s[:, None] - grp
+            err = ((d @ b) * d).sum(1)
+            if best is None:
+                best = (err, s, z)
+            else:
+                better = err < best[0]
+                best = tuple(torch.where(better, n, o) for n, o in zip((err, s, z), best))
     return best[1], best[2]
 
 
+def _lattice_step(grp: torch.Tensor) -> torch.Tensor:
+    """Per row of grp [out, g]: the step of the regular grid its values lie on (range / n for n <= 15 levels
+    apart, n from the smallest gap between distinct values), or range / 15 when there is none."""
+    v = grp.sort(1).values
+    rng = (v[:, -1] - v[:, 0]).clamp_min(1e-8)
+    gaps = v.diff(dim=1)
+    gaps = torch.where(gaps > 1e-3 * rng[:, None], gaps, torch.full_like(gaps, float("inf")))
+    n = torch.round(rng / gaps.amin(1)).clamp(1, 10 ** 6)
+    s = torch.where(n <= QMAX4, rng / n, rng / QMAX4)
+    return s.clamp_min(1e-5).half().float()
+
+
 def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128,
-                  shrinks=(1.0,)) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ (static groups, no act-order) in the same format: columns quantized left to right, each column's
-    rounding error spread over the columns not yet quantized through the inverse Hessian (H = Sigma + damping);
-    each group's (fp16 scale, integer zero) from its min / max when its first column comes up (shrunk by the best
-    factor of `shrinks` for that group's round-to-nearest error).
+                  shrinks=(1.0,), act_order: bool = False, joint: bool = False
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ in the same format: columns quantized in turn, each column's rounding error spread over the columns
+    not yet quantized through the inverse Hessian (H = Sigma + damp * mean diag). Without act_order the columns
+    go left to right and each group's (fp16 scale, integer zero) comes from the group as updated when its first
+    column comes up; with act_order they go by descending Hessian diagonal, and the groups ("static groups",
+    still the checkpoint's consecutive columns) take their ranges from w before any update. Ranges: the best
+    of `shrinks` (and with joint, the joint scale / zero search of _group_range) under the group's moments.
     -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros uint8 [out, in // g])."""
     out_f, in_f = w.shape
     w = w.float().clone()
-    h = sigma.float().clone()
+    sigma = sigma.float()
+    h = sigma.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.diag(h).mean() * torch.eye(in_f)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(out_f, in_f)
     ng = in_f // group_size
     scales, zeros = torch.zeros(out_f, ng), torch.zeros(out_f, ng)
+    if act_order:
+        for gi in range(ng):
+            sl = slice(gi * group_size, (gi + 1) * group_size)
+            scales[:, gi], zeros[:, gi] = _group_range(w[:, sl], sigma[sl, sl], shrinks, joint)
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        perm = torch.arange(in_f)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(out_f, in_f)
     for b0 in range(0, in_f, block):
         b1 = min(b0 + block, in_f)
         wb, err = w[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0)
         hb = hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            col = b0 + j
-            if col % group_size == 0:
+            col = int(perm[b0 + j])
+            gi = col // group_size
+            if not act_order and col % group_size == 0:
                 grp = torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group_size]          # this group, as updated
-                s, z = _group_range(grp, sigma[col:col + group_size, col:col + group_size].float(), shrinks)
-                scales[:, col // group_size], zeros[:, col // group_size] = s, z
-            s, z = scales[:, col // group_size], zeros[:, col // group_size]
+                sl = slice(col, col + group_size)
+                scales[:, gi], zeros[:, gi] = _group_range(grp, sigma[sl, sl], shrinks, joint)
+            s, z = scales[:, gi], zeros[:, gi]
             x = wb[:, j]
             q = (torch.round(x / s) + z).clamp(0, QMAX4)
             codes[:, col] = q

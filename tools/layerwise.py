@@ -65,10 +65,12 @@ def _linear(w: Dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Ten
 
 
 def layer_forward(w: Dict[str, torch.Tensor], cfg: ModelConfig, fam: QuantFamily, x: torch.Tensor,
-                  observe: Optional[Observer] = None, batch: int = 4) -> torch.Tensor:
+                  observe: Optional[Observer] = None, batch: int = 4, until: Optional[str] = None
+                  ) -> torch.Tensor:
     """x: [N, S, H] float32 hidden states -> the layer's output [N, S, H]; `batch` samples at a time.
     observe(name, t) sees t [n*S, C] for name in qkv | o | gate_up | down (linear inputs) and [n, S, Hk, D]
-    for k (after RoPE, as the KV cache stores it) | v."""
+    for k (after RoPE, as the KV cache stores it) | v. until "o" | "gate_up": stop each batch once that input
+    has been observed (the returned tensor is then meaningless)."""
     r = fam.roles
     out = torch.empty_like(x)
     n_all, s, _ = x.shape
@@ -96,10 +98,14 @@ def layer_forward(w: Dict[str, torch.Tensor], cfg: ModelConfig, fam: QuantFamily
         o = o.transpose(1, 2).reshape(n * s, cfg.q_size)                          # [n*S, Hq*D]
         if observe:
             observe("o", o)
+        if until == "o":
+            continue
         t = t + _linear(w, r["o"], o)
         a, _ = rms_norm_ref(t, w[r["post_attn_norm"] + ".weight"], cfg.rms_norm_eps)
         if observe:
             observe("gate_up", a)
+        if until == "gate_up":
+            continue
         act = F.silu(_linear(w, r["gate"], a)) * _linear(w, r["up"], a)           # [n*S, I]
         if observe:
             observe("down", act)

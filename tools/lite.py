@@ -28,6 +28,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="rtn: round-to-nearest, no search; awq_refine: awq + per-group scale / zero refinement; "
                    "awq_gptq: awq scales + GPTQ rounding (tools/awq_refine.py)")
     a.add_argument("--search-tokens", type=int, default=4096, help="calibration tokens the searches look at")
+    a.add_argument("--act-order", action="store_true",
+                   help="awq_gptq: columns by descending Hessian diagonal, static groups (ranges before updates)")
+    a.add_argument("--damp", type=float, default=0.01,
+                   help="awq_gptq: Hessian damping, a fraction of its mean diagonal")
+    a.add_argument("--joint-range", action="store_true",
+                   help="awq_gptq: per group, search the scale (range / 15 shrinks, lattice step) and zero jointly")
+    a.add_argument("--true-sequential", action="store_true",
+                   help="each linear on inputs from the already-quantized linears and layers before it (slower)")
     a.add_argument("--calib-dir", default=None, help="where `calibrate` wrote its statistics (default: --work-dir)")
     a.add_argument("--work-dir", required=True, help="output: the quantized checkpoint")
     k = sub.add_parser("kv_qparams", help="static per-head KV scales from calibration statistics")
@@ -60,7 +68,9 @@ def main(argv=None) -> int:
             from .awq import quantize_model
             calib = args.calib_dir or args.work_dir
             out = quantize_model(_model_dir(args.model), args.work_dir, args.w_bits, args.w_group_size,
-                                 calib if args.method != "rtn" else None, args.method, args.search_tokens)
+                                 calib if args.method != "rtn" else None, args.method, args.search_tokens,
+                                 gptq={"damp": args.damp, "act_order": args.act_order, "joint": args.joint_range},
+                                 true_sequential=args.true_sequential)
         else:
             from .kv_qparams import write_kv_qparams
             out = write_kv_qparams(args.work_dir, args.out)
