@@ -190,6 +190,8 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
     before it (quantize_layer_sequential; about 4 more layer forwards per layer)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if n_grid < 1:
+        raise ValueError(f"n_grid must be >= 1 (1: no AWQ scales), got {n_grid}")
     if true_sequential and method == "rtn":
         raise ValueError("true_sequential needs calibration: method must be one of awq, awq_refine, awq_gptq")
     bad = set(gptq or {}) - set(GPTQ_DEFAULTS)
