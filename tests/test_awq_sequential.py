@@ -3,7 +3,8 @@ one-pass path, and an output close to the fp layer's; bad GPTQ options are refus
 import pytest
 import torch
 
-from tools.awq import quantize_layer, quantize_layer_sequential, quantize_model
+from tools.awq import quantize_layer, quantize_model
+from tools.awq_seq import quantize_layer_sequential
 from tools.awq_search import gram
 from tools.calibrate import calib_windows
 from tools.layerwise import LayerwiseCheckpoint, layer_forward
@@ -25,11 +26,16 @@ def test_true_sequential_layer_matches_the_format_and_the_fp_output(demo_model_d
         stats = {k: {"absmean": v} for k, v in absmean.items()}
         sig = {k: v / 128 for k, v in sums.items()}
         one = quantize_layer(w, fam, 32, "awq_gptq", sig, stats, n_grid=4)
-        seq, y = quantize_layer_sequential(w, cfg, fam, x, 32, "awq_gptq", stats, n_grid=4,
-                                           gptq={"act_order": True}, batch=2)
-    assert sorted(seq) == sorted(one)
+        seq, y, _ = quantize_layer_sequential(w, cfg, fam, x, 32, "awq_gptq", stats, n_grid=4,
+                                              gptq={"act_order": True}, batch=2)
+        xq = x + 0.01 * torch.randn_like(x)          # a perturbed "quantized" stream: asym fits the fp output
+        asym, yq, yf = quantize_layer_sequential(w, cfg, fam, xq, 32, "awq_gptq", stats, n_grid=4, batch=2,
+                                                 x_fp=x)
+    assert sorted(seq) == sorted(one) == sorted(asym)
     assert all(seq[k].dtype == one[k].dtype and seq[k].shape == one[k].shape for k in one)
     assert float((y - ref).norm() / ref.norm()) < 0.05
+    assert torch.allclose(yf, ref, atol=1e-4)
+    assert float((yq - ref).norm() / ref.norm()) < 0.05
 
 
 def test_bad_gptq_options_are_refused(demo_model_dir, tmp_path):
@@ -37,5 +43,7 @@ def test_bad_gptq_options_are_refused(demo_model_dir, tmp_path):
         quantize_model(demo_model_dir, tmp_path, 4, 32, calib=tmp_path, method="awq_gptq", gptq={"damp": 0})
     with pytest.raises(ValueError, match="gptq options must be among"):
         quantize_model(demo_model_dir, tmp_path, 4, 32, calib=tmp_path, method="awq_gptq", gptq={"order": 1})
+    with pytest.raises(ValueError, match="asym_target needs true_sequential"):
+        quantize_model(demo_model_dir, tmp_path, 4, 32, calib=tmp_path, method="awq_gptq", asym_target=True)
     with pytest.raises(ValueError, match="true_sequential needs calibration"):
         quantize_model(demo_model_dir, tmp_path, 4, 32, method="rtn", true_sequential=True)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
 
 from .awq_refine import gptq_quantize, refine_groups
-from .awq_search import dequantize, gram, quantize_rtn, search_clip, search_scale
+from .awq_search import gram, quantize_rtn, search_clip, search_scale
 from .calibrate import calib_windows, calibrate, load_stats
 from .layerwise import LayerwiseCheckpoint, layer_forward
 from .quant_family import QuantFamily
@@ -125,41 +125,6 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
     return out
 
 
-def quantize_layer_sequential(w: Dict[str, torch.Tensor], cfg, fam: QuantFamily, x: torch.Tensor,
-                              group_size: int, method: str, stats: dict, n_grid: int = 20,
-                              gptq: Optional[dict] = None, batch: int = 4):
-    """"True sequential": AWQ's scales from the layer's input x (already the quantized previous layers'
-    output), then the linears quantized group by group (qkv, o, gate_up, down), each on the moments of its input
-    as the already-quantized linears before it produce it. -> (HF suffixes of the quantized layer, the quantized
-    layer's output for the next layer)."""
-    w = dict(w)
-    sums: Dict[str, torch.Tensor] = {}
-
-    def observe(name, t):
-        if name not in ("k", "v"):
-            sums[name] = sums[name] + gram(t) if name in sums else gram(t)
-    tokens = x.shape[0] * x.shape[1]
-    layer_forward(w, cfg, fam, x, observe, batch)
-    sig = {k: v / tokens for k, v in sums.items()}
-    report = fold_scales(w, fam, group_size, sig, stats, n_grid) if method != "rtn" else []
-    out = {}
-    for gi, g in enumerate(fam.groups):
-        if gi:                                               # the input as the quantized linears before make it
-            sums.clear()
-            layer_forward(w, cfg, fam, x, observe, batch, until=g.inp if g.inp != "down" else None)
-            sig[g.inp] = sums[g.inp] / tokens
-        for lin in g.linears:
-            q = quantize_linear(w[lin + ".weight"], sig[g.inp], group_size, method, lin not in fam.no_clip,
-                                n_grid, gptq)
-            _pack(out, lin, *q)
-            w[lin + ".weight"] = dequantize(*q)
-    x = layer_forward(w, cfg, fam, x, None, batch)
-    out.update({k: v for k, v in w.items() if not any(k.startswith(lin + ".weight") for lin in fam.linears)})
-    if report:
-        log.debug("awq scale ratio / error vs RTN: %s", " ".join(report))
-    return out, x
-
-
 def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[str, torch.Tensor],
                       group_size: int, method: str) -> None:
     from safetensors.torch import save_file
@@ -181,19 +146,23 @@ def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[st
 
 def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int] = 128, calib=None,
                    method: str = "awq", search_tokens: int = 4096, batch: int = 4, progress: bool = True,
-                   n_grid: int = 20, gptq: Optional[dict] = None, true_sequential: bool = False) -> Path:
+                   n_grid: int = 20, gptq: Optional[dict] = None, true_sequential: bool = False,
+                   asym_target: bool = False) -> Path:
     """Quantize an HF checkpoint into an HF-style AWQ checkpoint in out_dir.
     calib: a work dir holding `lite calibrate` statistics; None calibrates first (32 x 512 wiki tokens) into
     out_dir. method rtn: plain round-to-nearest (no calibration). group_size None: the largest that fits.
     n_grid: points of the scale and clip grids (fewer: faster, slightly less accurate). gptq: awq_gptq options
     (damp, act_order, joint; GPTQ_DEFAULTS). true_sequential: each linear on inputs from the quantized ones
-    before it (quantize_layer_sequential; about 4 more layer forwards per layer)."""
+    before it (tools/awq_seq.py; about 4 more layer forwards per layer). asym_target (with true_sequential):
+    each linear fitted to the fp model's output on the quantized input (a second, fp stream of hidden states)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1 (1: no AWQ scales), got {n_grid}")
     if true_sequential and method == "rtn":
         raise ValueError("true_sequential needs calibration: method must be one of awq, awq_refine, awq_gptq")
+    if asym_target and not true_sequential:
+        raise ValueError("asym_target needs true_sequential")
     bad = set(gptq or {}) - set(GPTQ_DEFAULTS)
     if bad:
         raise ValueError(f"gptq options must be among {sorted(GPTQ_DEFAULTS)}, got {sorted(bad)}")
@@ -216,13 +185,15 @@ def quantize_model(model_dir, out_dir, w_bits: int = 4, group_size: Optional[int
     pre = f"{fam.layers}."
     tensors = {n: ckpt.get(n) for n in ckpt.non_layer_names()}
     dtype = tensors[f"{fam.embed}.weight"].dtype
+    x_fp = x if asym_target else None
     with torch.inference_mode():
         for i in tqdm(range(cfg.num_layers), desc=f"{method} g{group_size}", unit="layer", disable=not progress):
             w = ckpt.layer(i)
             sigmas = None
             if true_sequential:
-                q, x = quantize_layer_sequential(w, cfg, fam, x, group_size, method, stats["layers"][i], n_grid,
-                                                 gptq, batch)
+                from .awq_seq import quantize_layer_sequential
+                q, x, x_fp = quantize_layer_sequential(w, cfg, fam, x, group_size, method, stats["layers"][i],
+                                                       n_grid, gptq, batch, x_fp)
             elif x is not None:
                 sums: Dict[str, torch.Tensor] = {}
 

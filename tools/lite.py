@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="awq_gptq: per group, search the scale (range / 15 shrinks, lattice step) and zero jointly")
     a.add_argument("--true-sequential", action="store_true",
                    help="each linear on inputs from the already-quantized linears and layers before it (slower)")
+    a.add_argument("--asym-target", action="store_true",
+                   help="with --true-sequential: fit each linear to the fp model's output on the quantized input")
     a.add_argument("--n-grid", type=int, default=20,
                    help="points of the AWQ scale and clip grids; 1: no AWQ scales (ratio 0 only)")
     a.add_argument("--calib-dir", default=None, help="where `calibrate` wrote its statistics (default: --work-dir)")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             out = quantize_model(_model_dir(args.model), args.work_dir, args.w_bits, args.w_group_size,
                                  calib if args.method != "rtn" else None, args.method, args.search_tokens,
                                  gptq={"damp": args.damp, "act_order": args.act_order, "joint": args.joint_range},
-                                 n_grid=args.n_grid, true_sequential=args.true_sequential)
+                                 n_grid=args.n_grid, true_sequential=args.true_sequential,
+                                 asym_target=args.asym_target)
         else:
             from .kv_qparams import write_kv_qparams
             out = write_kv_qparams(args.work_dir, args.out)
