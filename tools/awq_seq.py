@@ -32,7 +32,8 @@ def _asym_target(wt: torch.Tensor, cross: torch.Tensor, sqq: torch.Tensor, damp:
 def quantize_layer_sequential(w: Dict[str, torch.Tensor], cfg, fam: QuantFamily, x: torch.Tensor,
                               group_size: int, method: str, stats: dict, n_grid: int = 20,
                               gptq: Optional[dict] = None, batch: int = 4, x_fp: Optional[torch.Tensor] = None,
-                              damp: float = 0.01) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+                              damp: float = 0.01
+                              ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """-> (HF suffixes of the quantized layer, the quantized layer's output, the fp layer's output when x_fp)."""
     w = dict(w)
     sums: Dict[str, torch.Tensor] = {}
