@@ -60,3 +60,15 @@ def test_joint_range_finds_the_lattice_step_of_a_q4_1_group():
         s, z = _group_range(grp, torch.eye(32), (1.0,), joint=joint)
         deq = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, 15) - z[:, None]) * s[:, None]
         assert torch.allclose(deq, grp, atol=1e-6) == exact
+
+
+def test_scale_search_judged_by_gptq_never_worse_than_ratio_zero():
+    from tools.awq_refine import gptq_quantize
+    from tools.awq_search import search_scale
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=g)
+    x = torch.randn(1000, 128, generator=g) * (4 * torch.rand(128, generator=g) + 0.1)
+    sigma = x.t() @ x / 1000
+    quant = lambda ws, sg: dequantize(*gptq_quantize(ws, sg, 32))       # noqa: E731
+    s, ratio, rel = search_scale([w], sigma, x.abs().mean(0), 32, quant=quant, ratios=(0.0, 0.3, 0.6))
+    assert s.shape == (128,) and ratio in (0.0, 0.3, 0.6) and rel <= 1.0

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
 
 from .awq_refine import gptq_quantize, refine_groups
-from .awq_search import gram, quantize_rtn, search_clip, search_scale
+from .awq_search import dequantize, gram, quantize_rtn, search_clip, search_scale
 from .calibrate import calib_windows, calibrate, load_stats
 from .layerwise import LayerwiseCheckpoint, layer_forward
 from .quant_family import QuantFamily
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # awq_refine / awq_gptq: AWQ's scales, then tools/awq_refine.py (per-group refinement / GPTQ error feedback)
 METHODS = ("awq", "rtn", "awq_refine", "awq_gptq")
 # awq_gptq's defaults (tools/awq_refine.py gptq_quantize): 1% damping, left-to-right, shrink grid of the ranges
-GPTQ_DEFAULTS = {"damp": 0.01, "act_order": False, "joint": False, "shrinks": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)}
+GPTQ_DEFAULTS = {"damp": 0.01, "act_order": False, "joint": False, "shrinks": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
+                 "scale_search": False}
+GPTQ_RATIOS = (0.0, 0.2, 0.4, 0.6)     # AWQ ratios tried when GPTQ's own error judges them (scale_search)
 
 
 def valid_group_sizes(in_features) -> list:
@@ -61,18 +63,29 @@ def check_quant_args(ckpt: LayerwiseCheckpoint, w_bits: int, group_size: Optiona
     return group_size
 
 
+def _gptq_opts(gptq: Optional[dict]) -> dict:
+    opts = dict(GPTQ_DEFAULTS, **(gptq or {}))
+    opts.pop("scale_search")
+    return opts
+
+
 def fold_scales(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, sig: Dict[str, torch.Tensor],
-                stats: dict, n_grid: int = 20) -> list:
+                stats: dict, n_grid: int = 20, gptq: Optional[dict] = None) -> list:
     """AWQ's scale search per scale group, folded into w in place (norm weight / s, or the previous linear's
     rows / s; the linears' columns * s); sig (input name -> E[x x^T]) becomes the moments of x / s.
+    gptq with scale_search: the ratios (GPTQ_RATIOS) judged by GPTQ's error instead of round-to-nearest's.
     -> report strings "input:ratio/error vs RTN"."""
     report = []
+    quant, ratios = None, None
+    if gptq and gptq.get("scale_search"):
+        opts = _gptq_opts(gptq)
+        quant, ratios = (lambda ws, sg: dequantize(*gptq_quantize(ws, sg, group_size, **opts))), GPTQ_RATIOS
     for g in fam.groups:
         ws = [w[lin + ".weight"] for lin in g.linears]
         prev = w[g.prev + ".weight"]
         if prev.shape[0] != ws[0].shape[1]:
             continue                     # e.g. v -> o under GQA: v's outputs are not o's inputs one to one
-        s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size, n_grid)
+        s, ratio, rel = search_scale(ws, sig[g.inp], stats[g.inp]["absmean"], group_size, n_grid, quant, ratios)
         report.append(f"{g.inp}:{ratio:.2f}/{rel:.2f}")
         if g.prev in fam.norms:
             w[g.prev + ".weight"] = prev / s
@@ -91,7 +104,7 @@ def quantize_linear(weight: torch.Tensor, sigma: Optional[torch.Tensor], group_s
     """One (scaled) linear [out, in] -> (codes uint8 [out, in], scales fp16 [out, ng], zeros uint8 [out, ng]).
     gptq: keyword arguments of gptq_quantize (damp, act_order, joint) for awq_gptq."""
     if method == "awq_gptq":
-        return gptq_quantize(weight, sigma, group_size, **dict(GPTQ_DEFAULTS, **(gptq or {})))
+        return gptq_quantize(weight, sigma, group_size, **_gptq_opts(gptq))
     clip = None
     if method != "rtn" and clip_it:
         clip = search_clip(weight, sigma, group_size, n_grid)
@@ -115,7 +128,9 @@ def quantize_layer(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int
     w = dict(w)
     sig = dict(sigmas or {})
     inp_of = {lin: g.inp for g in fam.groups for lin in g.linears}
-    report = fold_scales(w, fam, group_size, sig, stats, n_grid) if method != "rtn" else []
+    report = []
+    if method != "rtn":
+        report = fold_scales(w, fam, group_size, sig, stats, n_grid, gptq if method == "awq_gptq" else None)
     out = {k: v for k, v in w.items() if not any(k.startswith(lin + ".weight") for lin in fam.linears)}
     for lin in fam.linears:
         _pack(out, lin, *quantize_linear(w[lin + ".weight"], sig.get(inp_of[lin]), group_size, method,

@@ -8,7 +8,7 @@ out * C^2 flops instead of T * out * C, and the number of calibration tokens sto
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -66,18 +66,23 @@ def output_error(dw: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def search_scale(weights: List[torch.Tensor], sigma: torch.Tensor, x_mean: torch.Tensor, group_size: int,
-                 n_grid: int = 20) -> Tuple[torch.Tensor, float, float]:
+                 n_grid: int = 20, quant: Optional[Callable] = None, ratios=None) -> Tuple[torch.Tensor, float, float]:
     """AWQ per-input-channel scale for linears sharing one input. weights: [out_i, C] each; x_mean [C] = mean |x|.
-    s = x_mean ** ratio (normalised), ratio on a grid in [0, 1); ratio 0 is plain RTN, so the result never has a
-    larger output error than RTN. -> (s [C], best ratio, its error relative to RTN's)."""
+    s = x_mean ** ratio (normalised), ratio on a grid in [0, 1) (or `ratios`); ratio 0 is plain RTN, so the result
+    never has a larger output error than RTN. quant(w_scaled, sigma_scaled) -> dequantized w_scaled replaces
+    round-to-nearest as the quantizer the ratios are judged by (e.g. GPTQ). -> (s [C], best ratio, its error
+    relative to ratio 0's)."""
     w = torch.cat([x.float() for x in weights], 0)                            # [sum out, C]
     x_mean = x_mean.float().clamp_min(1e-8)
     best, best_s, best_ratio, rtn_err = None, None, 0.0, None
-    for i in range(n_grid):
-        ratio = i / n_grid
+    for ratio in (ratios if ratios is not None else [i / n_grid for i in range(n_grid)]):
         s = x_mean.pow(ratio).clamp_min(1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error(fake_quant(w * s, group_size) / s - w, sigma)
+        if quant is None:
+            deq = fake_quant(w * s, group_size)
+        else:
+            deq = quant(w * s, sigma / s[:, None] / s[None, :])
+        err = output_error(deq / s - w, sigma)
         if rtn_err is None:
             rtn_err = err
         if best is None or err < best:

@@ -57,7 +57,7 @@ def quantize_layer_sequential(w: Dict[str, torch.Tensor], cfg, fam: QuantFamily,
     tokens = x.shape[0] * x.shape[1]
     layer_forward(w, cfg, fam, x, observe, batch)
     sig = {k: v / tokens for k, v in sums.items()}
-    report = fold_scales(w, fam, group_size, sig, stats, n_grid)
+    report = fold_scales(w, fam, group_size, sig, stats, n_grid, gptq if method == "awq_gptq" else None)
     y_fp = layer_forward(w, cfg, fam, x_fp, store, batch) if x_fp is not None else None
     out = {}
     for gi, g in enumerate(fam.groups):
