@@ -43,12 +43,16 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return out.reshape(p.shape[0], -1)
 
 
+def dequantize(q, z, scales, group_size: int) -> torch.Tensor:
+    """Unpacked codes q [in, out] and zeros z [in/g, out] -> W [in, out] in scales' dtype (float32 math)."""
+    z = z.float().repeat_interleave(group_size, 0)
+    s = scales.float().repeat_interleave(group_size, 0)
+    return ((q.float() - z) * s).to(scales.dtype)
+
+
 def dequantize_awq(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
     """-> W [in, out] in scales' dtype (float32 math)."""
-    q = unpack_awq(qweight).float()
-    z = unpack_awq(qzeros).float().repeat_interleave(group_size, 0)
-    s = scales.float().repeat_interleave(group_size, 0)
-    return ((q - z) * s).to(scales.dtype)
+    return dequantize(unpack_awq(qweight), unpack_awq(qzeros), scales, group_size)
 
 
 def w4a16_linear_ref(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bias=None) -> torch.Tensor:

@@ -53,9 +53,7 @@ class Linear:
         if self._dense_cache is None:
             if self.qweight is None:     # only the runtime layout: its (q, z, s) in canonical order
                 q, z, s = unrepack(self.runtime, torch.float16)
-                w = (q.float() - z.float().repeat_interleave(self.group_size, 0)) * \
-                    s.float().repeat_interleave(self.group_size, 0)
-                self._dense_cache = w.to(s.dtype).t().contiguous()
+                self._dense_cache = w4a16.dequantize(q, z, s, self.group_size).t().contiguous()
             else:
                 self._dense_cache = w4a16.dequantize_awq(self.qweight, self.qzeros, self.scales,
                                                          self.group_size).t().contiguous()
