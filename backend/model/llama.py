@@ -99,24 +99,22 @@ class LlamaModel:
             k = k.view(t, cfg.num_kv_heads, cfg.head_dim)                            # [T, Hk, D]
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             cache = kv.layer(i)
-            fused = self.fuse_rope_kv and self.kv_qparams is None and self.rot is None
-            if fused:                       # rotated K and V go straight into the cache
+            if self.fuse_rope_kv and self.kv_qparams is None and self.rot is None:
+                # RoPE'd K and V go straight into the cache (the rotation and static KV need K in between)
                 q = rotary_write_kv(q, k, v, meta.positions, inv_freq, self.logn_max_pos, cache, meta.slot_mapping)
             else:
                 q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
-            if self.rot is not None:        # one matmul for q, k (and v when not folded into the weights)
-                hq, hk = cfg.num_heads, cfg.num_kv_heads
-                if layer.rotate_v:
-                    q, k, v = rotate(torch.cat([q, k, v], 1), self.rot).split([hq, hk, hk], 1)
+                if self.rot is not None:    # one matmul for q, k (and v when not folded into the weights)
+                    hq, hk = cfg.num_heads, cfg.num_kv_heads
+                    if layer.rotate_v:
+                        q, k, v = rotate(torch.cat([q, k, v], 1), self.rot).split([hq, hk, hk], 1)
+                    else:
+                        q, k = rotate(torch.cat([q, k], 1), self.rot).split([hq, hk], 1)
+                    q = q.contiguous()      # a view for T > 1; the GPU attention kernels read contiguous q
+                if self.kv_qparams is None:
+                    write_kv(k, v, cache, meta.slot_mapping)
                 else:
-                    q, k = rotate(torch.cat([q, k], 1), self.rot).split([hq, hk], 1)
-                q = q.contiguous()          # a view for T > 1; the GPU attention kernels read contiguous q
-            if fused:
-                pass                        # written by rotary_write_kv
-            elif self.kv_qparams is None:
-                write_kv(k, v, cache, meta.slot_mapping)
-            else:
-                write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
+                    write_kv_static(k, v, cache, meta.slot_mapping, self.kv_qparams[i])
             o = paged_attention(q, cache, meta, self.scale)                          # [T, Hq, D]
             if layer.rotate_o:
                 o = rotate(o, self.rot_t)   # o = o' H^T: back to the unrotated basis

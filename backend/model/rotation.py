@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-log = logging.getLogger(__name__)
-
 from ..config import KV_ROTATIONS
+
+log = logging.getLogger(__name__)
 # auto turns the rotation on for these online-quantized KV dtypes (int8 measured no better: docs/quantization.md)
 AUTO_KV_DTYPES = ("int4",)
 
