@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from backend.kernels import paged_attention as pa
-from backend.kernels.kv_cache import KVCache
 from backend.kernels.paged_attention import AttnMetadata
+from tests.test_kernels import _random_cache      # random codes + scale / zero, as the CUDA-core kernel's tests
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -22,19 +22,6 @@ CTX = [1, 17, 300, 1100, 257]           # none but 1 fills its last block (16 | 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _cache(kv_dtype, dtype, num_blocks, bs, hk, d):
-    c = KVCache(1, num_blocks, bs, hk, d, kv_dtype, dtype, DEV)
-    if kv_dtype == "auto":
-        c.k.normal_()
-        c.v.normal_()
-    else:
-        for x, qp in ((c.k, c.k_qp), (c.v, c.v_qp)):
-            x.copy_(torch.randint(0, 256, x.shape, dtype=torch.uint8, device=DEV))
-            qp[..., 0].uniform_(0.005, 0.03)
-            qp[..., 1].uniform_(-2.0, -0.5)
-    return c
 
 
 def _meta(ctx_lens, bs):
@@ -51,7 +38,7 @@ def _meta(ctx_lens, bs):
 
 def _case(hq, hk, d, bs, kv_dtype, dtype=torch.float16, ctx=CTX):
     meta, nb = _meta(ctx, bs)
-    cache = _cache(kv_dtype, dtype, nb, bs, hk, d)
+    cache = _random_cache(kv_dtype, dtype, nb, bs, hk, d)
     q = torch.randn(len(ctx), hq, d, dtype=dtype, device=DEV)
     return meta, cache.layer(0), q
 
