@@ -115,23 +115,32 @@ def hf_decode(model, prompt_len: int, new: int, vocab: int, static: bool) -> dic
 
 
 @torch.inference_mode()
-def profile_step(engine, prompt_len: int, vocab: int, top: int = 12) -> list:
-    """GPU time per kernel of one eager bs=1 decode step (no graph), from torch.profiler."""
+def profile_step(engine, prompt_len: int, vocab: int, batch: int = 1, top: int = 16) -> list:
+    """GPU time per kernel of one eager decode step of `batch` sequences (no graph), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
-    engine.add_request("p", _prompt(prompt_len, 7, vocab), SamplingParams(max_tokens=2, ignore_eos=True))
-    engine.step()                                                      # prefill, first token
-    seq = engine.requests["p"]
-    engine.block_manager.allocate(seq, len(seq))
-    ids, meta, _ = engine.runner.prepare([(seq, 1)])
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    names = [f"p{i}" for i in range(batch)]
+    for i, name in enumerate(names):
+        engine.add_request(name, _prompt(prompt_len, 7 + i, vocab), params)
+    while any(not engine.requests[n].output_ids for n in names):      # prefill, first tokens
+        engine.step()
+    seqs = [engine.requests[n] for n in names]
+    for seq in seqs:
+        engine.block_manager.allocate(seq, len(seq))
+    ids, meta, _ = engine.runner.prepare([(seq, 1) for seq in seqs])
     for _ in range(2):
         engine.runner.model.forward(ids, meta, engine.runner.kv_cache)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.runner.model.forward(ids, meta, engine.runner.kv_cache)
         torch.cuda.synchronize()
-    engine.abort("p")
+    for name in names:
+        engine.abort(name)
+    while engine.has_unfinished():
+        engine.step()
     rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()]
     rows.sort(key=lambda r: -r[1])
+    log.info("profile of one eager decode step, batch %d: %.3f ms of kernels", batch, sum(r[1] for r in rows))
     for name, ms, n in rows[:top]:
         log.info("%8.3f ms %5d x  %s", ms, n, name[:90])
     return [{"kernel": k[:120], "ms": ms, "count": n} for k, ms, n in rows[:top]]
@@ -146,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-prompt", type=int, default=2048)
     ap.add_argument("--hf", default="both", choices=["none", "eager", "static", "both"])
     ap.add_argument("--profile", action="store_true", help="also: GPU time per kernel of one eager decode step")
+    ap.add_argument("--profile-batch", type=int, nargs="*", default=[1], help="batch sizes --profile measures")
+    ap.add_argument("--profile-only", action="store_true", help="--profile, then exit (no speed runs)")
     ap.add_argument("--out", help="JSON results")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -163,8 +174,14 @@ def main(argv=None) -> int:
            "engine": mut.describe(), "copy_bw_GBps": bw / 1e9, "matmul_tflops": tflops,
            "weight_bytes_per_step": wbytes, "kv_bytes_per_token": eng.runner.kv_bytes_per_token,
            "gpu_mem_allocated_GiB": torch.cuda.memory_allocated() / 2**30}
-    if args.profile:
-        res["profile_bs1"] = profile_step(eng, args.prompt, cfg.vocab_size)
+    if args.profile or args.profile_only:
+        for b in args.profile_batch:
+            res[f"profile_bs{b}"] = profile_step(eng, args.prompt, cfg.vocab_size, batch=b)
+    if args.profile_only:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(res, tag=default_tag(mut)), f, indent=1)
+        return 0
     res["bs1"] = decode_speed(eng, 1, args.prompt, args.new, cfg.vocab_size, bw, wbytes)
     log.info("bs=1: %.1f tok/s = %.1f%% of the limit", res["bs1"]["tok_s"], 100 * res["bs1"]["frac_of_limit"])
     res[f"bs{args.batch}"] = decode_speed(eng, args.batch, args.prompt, args.new, cfg.vocab_size, bw, wbytes)

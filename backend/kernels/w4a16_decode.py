@@ -48,46 +48,14 @@ __device__ __forceinline__ uint4 ld_cached(const void* p) {    // activations: r
 __device__ __forceinline__ u32 ld_u32(const u32* p) {
     u32 r; asm("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p)); return r;
 }
-__device__ __forceinline__ u32 ld_u8(const u8* p) {
-    unsigned short r; asm("ld.global.nc.u8 %0, [%1];" : "=h"(r) : "l"(p)); return r;
+__device__ __forceinline__ u32 ld_u16(const u16* p) {
+    unsigned short r; asm("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p)); return r;
 }
 __device__ __forceinline__ float lo_to_float(u32 pair) { return act_to_float((u16)(pair & 0xFFFFu)); }
 __device__ __forceinline__ float hi_to_float(u32 pair) { return act_to_float((u16)(pair >> 16)); }
 
-// One packed word -> the A registers of one k-tile as (q - z): exact small integers (rows g: zlo, g+8: zhi).
-// fp16: nibbles 1/5 and 3/7 are masked in place (0x00F0: 1024 + 16q) and fixed by one fma (/16, -(64 + z)), so a
-// word costs 1 shift + 4 lop3 + 4 half2 ops; bf16 (7 mantissa bits) shifts every nibble pair down instead.
-struct Zeros { u32 lo, hi, hi16; };
-
-__device__ __forceinline__ Zeros zeros_of(u32 zb) {
-    Zeros z;
-    z.lo = (MAGIC16 | (zb & 15u)) * 0x10001u;
-    z.hi = (MAGIC16 | (zb >> 4)) * 0x10001u;
-    z.hi16 = (0xD400u | ((zb >> 4) << 4)) * 0x10001u;    // fp16 -(64 + z_hi) in both halves
-    return z;
-}
-
-__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
-    u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
-}
-
-__device__ __forceinline__ void q_minus_z(u32 w, const Zeros& z, u32 a[4]) {
-#if IS_BF16
-    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
-    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, z.hi);
-    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, z.lo);
-    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, z.hi);
-#else
-    const u32 w8 = w >> 8;
-    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
-    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi16);    // 0x2C00 = 1/16
-    a[2] = sub2((w8 & 0x000F000Fu) | MAGIC, z.lo);
-    a[3] = fma2((w8 & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi16);
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(KS * 32)
-w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u8* __restrict__ zeros,
+w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
              const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
              int M, int N, int K, int per_warp) {
     __shared__ float red[KS][NT * 4][32];
@@ -101,7 +69,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
 
     const uint4* wsrc[NT];
     const u32* ssrc[NT];
-    const u8* zsrc[NT];
+    const u16* zsrc[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
@@ -131,7 +99,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
             const int grp = cc < c_end ? (cc * 64 + 32 * h) / GROUP_SIZE : 0;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-                znext[j][gi] = ld_u8(zsrc[j] + grp * 8);
+                znext[j][gi] = ld_u16(zsrc[j] + grp * 8);
                 snext[j][gi] = ld_u32(ssrc[j] + grp * 8);
             }
         }
@@ -160,14 +128,14 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
             float part[2][4];                                 // two independent mma chains (k-tile parity)
 #pragma unroll
             for (int r = 0; r < 8; ++r) part[r >> 2][r & 3] = 0.f;
-            Zeros z = zeros_of(0);
+            ZeroPair z = zero_pair(0);
             u32 spair = 0;
 #pragma unroll
             for (int hc = 0; hc < 2 * U; ++hc) {             // half-chunks of 32 k
                 const int u = hc >> 1, h = hc & 1;
                 const bool ok = c + u < c_end;
                 if (hc % HALVES_PER_GROUP == 0) {            // a group starts
-                    z = zeros_of(zcur[j][hc / HALVES_PER_GROUP]);
+                    z = zero_pair(zcur[j][hc / HALVES_PER_GROUP]);
                     spair = scur[j][hc / HALVES_PER_GROUP];
                 }
 #pragma unroll
@@ -260,7 +228,8 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = No
     N = rt.out_features
     cfg = config or default_config(N, K, rt.group_size, x.device.index)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, "w4a16_decode", cfg.options(x.dtype, rt.group_size), x.device.index)
+    kernel = _cupy.get_kernel(_SOURCE, "w4a16_decode", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
+                              x.device.index)
     grid = (-(-(N // 16) // cfg.nt),)
     bias_arg = bias if bias is not None else np.uint64(0)
     _cupy.launch(kernel, grid, (cfg.ks * 32,),

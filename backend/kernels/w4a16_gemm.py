@@ -9,7 +9,7 @@ blocks for a few hundred tokens; big ones amortize the dequantization at large M
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
 
 _GEMM = DEVICE_HELPERS + r"""
-// -D: IS_BF16, GROUP_SIZE, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES
+// -D: IS_BF16, GROUP_SIZE, ZFRAC, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES,
+// SPLITK (blockIdx.z takes `per_split` k-chunks and adds its fp32 partial sums into `ws`), MINB (blocks per SM)
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)
 #define WARPS_N (8 / WARPS_M)
 #define MTW (BM / 8 / WARPS_M)          // token tiles of 8 per warp
@@ -26,21 +27,23 @@ _GEMM = DEVICE_HELPERS + r"""
 #define W_U4 (NTB * 32)
 #define X_U4 (BM * 8)
 #define S_U32 (NTB * NG_CHUNK * 8)      // scale pairs [NTB][NG_CHUNK][g]
-#define Z_U32 (NTB * NG_CHUNK * 2)      // zero bytes  [NTB][NG_CHUNK][g] as words
+#define Z_U32 (NTB * NG_CHUNK * 4)      // zero u16 pairs [NTB][NG_CHUNK][g] as words
 #define STAGE_U4 (W_U4 + X_U4 + (S_U32 + Z_U32 + 3) / 4)
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(256, MINB)
 w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
-           const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K) {
+           const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
+           float* __restrict__ ws, int per_split) {
     extern __shared__ uint4 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int wn = warp % WARPS_N, wm = warp / WARPS_N;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
     const int ntb0 = blockIdx.x * NTB, m0 = blockIdx.y * BM;
+    const int c_begin = blockIdx.z * per_split, c_end = min(c_begin + per_split, nchunks);
 
     auto load_stage = [&](int slot, int c) {
-        const bool ok = c < nchunks;
+        const bool ok = c < c_end;
         const int cc = ok ? c : 0;
         uint4* st = smem + slot * STAGE_U4;
         for (int v = tid; v < W_U4; v += 256) {
@@ -58,11 +61,11 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         for (int v = tid; v < S_U32 + Z_U32; v += 256) {
             const bool is_s = v < S_U32;
             const int e = is_s ? v : v - S_U32;
-            const int per = is_s ? 8 : 2;
+            const int per = is_s ? 8 : 4;
             const int jb = e / (NG_CHUNK * per), q = (e / per) % NG_CHUNK, k = e % per;
             const int nt = min(ntb0 + jb, ntiles - 1);
             const size_t row = (size_t)nt * ngroups + (cc * 64 + q * 32) / GROUP_SIZE;
-            cp_async4(smem_addr(meta + v), is_s ? scales + row * 8 + k : zero_words + row * 2 + k, ok);
+            cp_async4(smem_addr(meta + v), is_s ? scales + row * 8 + k : zero_words + row * 4 + k, ok);
         }
     };
 
@@ -73,14 +76,15 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         for (int m = 0; m < MTW; ++m) acc[j][m][0] = acc[j][m][1] = acc[j][m][2] = acc[j][m][3] = 0.f;
 
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) { load_stage(s, s); cp_async_commit(); }
-    for (int c = 0; c < nchunks; ++c) {
+    for (int s = 0; s < STAGES - 1; ++s) { load_stage(s, c_begin + s); cp_async_commit(); }
+    for (int c = c_begin; c < c_end; ++c) {
+        const int i = c - c_begin;
         cp_async_wait<STAGES - 2>();
         __syncthreads();                        // chunk c landed; every warp is done with chunk c-1's slot
-        load_stage((c + STAGES - 1) % STAGES, c + STAGES - 1);
+        load_stage((i + STAGES - 1) % STAGES, c + STAGES - 1);
         cp_async_commit();
 
-        const uint4* st = smem + (c % STAGES) * STAGE_U4;
+        const uint4* st = smem + (i % STAGES) * STAGE_U4;
         const u32* meta = reinterpret_cast<const u32*>(st + W_U4 + X_U4);
         uint4 w[NTW];
 #pragma unroll
@@ -97,8 +101,8 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #pragma unroll
             for (int j = 0; j < NTW; ++j) {
                 const int jb = wn * NTW + j;
-                const u32 zw = meta[S_U32 + (jb * NG_CHUNK + q) * 2 + (g >> 2)];
-                const GroupParams p = group_params(meta[(jb * NG_CHUNK + q) * 8 + g], (zw >> (8 * (g & 3))) & 0xFFu);
+                const u32 zw = meta[S_U32 + (jb * NG_CHUNK + q) * 4 + (g >> 1)];
+                const GroupParams p = group_params(meta[(jb * NG_CHUNK + q) * 8 + g], zw >> (16 * (g & 1)));
 #pragma unroll
                 for (int jj = 0; jj < 2; ++jj) {
                     u32 a[4];
@@ -119,21 +123,39 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         for (int r = 0; r < 4; ++r) {
             const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
             if (n >= N) continue;
+#if SPLITK
+#pragma unroll
+            for (int m = 0; m < MTW; ++m) {
+                const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
+                if (tok < M) atomicAdd(ws + (size_t)tok * N + n, acc[j][m][r]);
+            }
+#else
             const float b = bias ? act_to_float(bias[n]) : 0.f;
 #pragma unroll
             for (int m = 0; m < MTW; ++m) {
                 const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
                 if (tok < M) y[(size_t)tok * N + n] = float_to_act(acc[j][m][r] + b);
             }
+#endif
         }
     }
+}
+"""
+
+_FINISH = DEVICE_HELPERS + r"""
+// Split-K epilogue: y = ws (+ bias), in the activation dtype. One thread per output. -D: IS_BF16
+extern "C" __global__ void w4a16_splitk_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
+                                               u16* __restrict__ y, int M, int N) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)M * N) return;
+    y[i] = float_to_act(ws[i] + (bias ? act_to_float(bias[i % N]) : 0.f));
 }
 """
 
 _DEQUANT = DEVICE_HELPERS + r"""
 // One thread per (n-tile, k-chunk, lane): 32 weights -> four 16-byte rows of W^T [N, K]. -D: IS_BF16, GROUP_SIZE
 extern "C" __global__ void w4a16_dequant(const uint4* __restrict__ qw, const u32* __restrict__ scales,
-                                         const u8* __restrict__ zeros, u16* __restrict__ wt, int N, int K) {
+                                         const u16* __restrict__ zeros, u16* __restrict__ wt, int N, int K) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE;
     if (i >= (long long)(N >> 4) * nchunks * 32) return;
@@ -161,6 +183,8 @@ class GemmConfig:
     warps_m: int = 2   # warps along tokens (of 8)
     ntw: int = 2       # n-tiles (16 channels) per warp; the block has ntw * (8 // warps_m) of them
     stages: int = 3
+    splitk: int = 1    # blocks along K, their fp32 partial sums added in a workspace (few tokens: fills the SMs)
+    minb: int = 1      # blocks per SM the compiler budgets registers for
 
     @property
     def bn(self) -> int:
@@ -170,17 +194,30 @@ class GemmConfig:
         if self.bm % (8 * self.warps_m) or self.warps_m not in (1, 2, 4, 8):
             raise ValueError(f"GemmConfig: bm={self.bm} must be a multiple of 8 * warps_m={self.warps_m}")
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DBM={self.bm}",
-                f"-DWARPS_M={self.warps_m}", f"-DNTW={self.ntw}", f"-DSTAGES={self.stages}")
+                f"-DWARPS_M={self.warps_m}", f"-DNTW={self.ntw}", f"-DSTAGES={self.stages}",
+                f"-DSPLITK={int(self.splitk > 1)}", f"-DMINB={self.minb}")
 
     def shared_bytes(self, group_size: int) -> int:
         ng = 2 if group_size == 32 else 1
         ntb = self.bn // 16
-        meta_u4 = -(-(ntb * ng * 10) // 4)
+        meta_u4 = -(-(ntb * ng * 12) // 4)
         return self.stages * 16 * (ntb * 32 + self.bm * 8 + meta_u4)
 
 
 def default_config(M: int) -> GemmConfig:
     return GemmConfig(bm=64, warps_m=4, ntw=1) if M <= 256 else GemmConfig(bm=128, warps_m=2, ntw=2)
+
+
+def splitk_config(M: int, N: int, K: int, sm_count: int, ntw: int = 1, splitk: int = 0) -> GemmConfig:
+    """Few tokens (<= 64): all 8 warps side by side along N (each dequantizes its weights once and multiplies
+    them into every token tile), the k-chunks split over enough blocks to give each SM about two; `splitk` = 0
+    picks that count."""
+    bm = min(64, max(16, 1 << (M - 1).bit_length()))
+    cfg = GemmConfig(bm=bm, warps_m=1, ntw=ntw, stages=3, minb=2)
+    if not splitk:
+        tiles = -(-N // cfg.bn) * -(-M // bm)
+        splitk = max(1, min(K // 64 // 4, round(2 * sm_count / tiles)))
+    return replace(cfg, splitk=splitk)
 
 
 def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None) -> torch.Tensor:
@@ -190,11 +227,21 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     cfg = config or default_config(M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size)
-    kernel = kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size), smem, x.device.index)
-    grid = (-(-N // cfg.bn), -(-M // cfg.bm))
+    kernel = kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,), smem,
+                                x.device.index)
+    nchunks = K // 64
+    per_split = -(-nchunks // max(1, cfg.splitk))
+    grid = (-(-N // cfg.bn), -(-M // cfg.bm), -(-nchunks // per_split))
     bias_arg = bias if bias is not None else np.uint64(0)
+    ws = torch.zeros(M, N, dtype=torch.float32, device=x.device) if cfg.splitk > 1 else None
     _cupy.launch(kernel, grid, (256,), (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
-                                        np.int32(M), np.int32(N), np.int32(K)), shared_mem=smem)
+                                        np.int32(M), np.int32(N), np.int32(K),
+                                        ws if ws is not None else np.uint64(0), np.int32(per_split)),
+                 shared_mem=smem)
+    if ws is not None:
+        finish = _cupy.get_kernel(_FINISH, "w4a16_splitk_finish", (f"-DIS_BF16={int(x.dtype == torch.bfloat16)}",),
+                                  x.device.index)
+        _cupy.launch(finish, (-(-(M * N) // 256),), (256,), (ws, bias_arg, y, np.int32(M), np.int32(N)))
     return y
 
 
@@ -203,7 +250,8 @@ def dequantize(rt: W4A16Runtime, dtype: torch.dtype) -> torch.Tensor:
     N, K = rt.out_features, rt.in_features
     wt = torch.empty(N, K, dtype=dtype, device=rt.qweight.device)
     kernel = _cupy.get_kernel(_DEQUANT, "w4a16_dequant",
-                              (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={rt.group_size}"))
+                              (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={rt.group_size}",
+                               rt.zero_option))
     n = (N // 16) * (K // 64) * 32
     _cupy.launch(kernel, (-(-n // 256),), (256,), (rt.qweight, rt.scales_for(dtype), rt.zeros, wt,
                                                    np.int32(N), np.int32(K)))

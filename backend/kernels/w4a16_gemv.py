@@ -50,7 +50,7 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
         wsrc[j] = qw + (size_t)nt * nchunks * 32 + lane;
         ssrc[j] = scales + (size_t)nt * ngroups * 8 + g;
-        zsrc[j] = zero_words + (size_t)nt * ngroups * 2 + (g >> 2);
+        zsrc[j] = zero_words + (size_t)nt * ngroups * 4 + (g >> 1);
     }
 
     // CONTIG: this warp streams chunks [c0, c_end) in order; else chunks warp, warp + KS, ... (interleaved)
@@ -73,7 +73,7 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
                 const int grp = (cc * 64 + q * 32) / GROUP_SIZE;
                 const u32 off = W_BYTES + X_BYTES + ((j * NG_CHUNK + q) * 32 + lane) * 4;
                 cp_async4(st + off, ssrc[j] + grp * 8, ok);
-                cp_async4(st + off + S_BYTES, zsrc[j] + grp * 2, ok);
+                cp_async4(st + off + S_BYTES, zsrc[j] + grp * 4, ok);
             }
         }
 #pragma unroll
@@ -122,7 +122,7 @@ w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #pragma unroll
             for (int q = 0; q < NG_CHUNK; ++q) {
                 const int e = (j * NG_CHUNK + q) * 32 + lane;
-                p[q] = group_params(ss[e], (ss[S_BYTES / 4 + e] >> (8 * (g & 3))) & 0xFFu);
+                p[q] = group_params(ss[e], ss[S_BYTES / 4 + e] >> (16 * (g & 1)));
             }
 #pragma unroll
             for (int h = 0; h < 2; ++h)
@@ -246,7 +246,8 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None
     if smem > _device_limits(x.device.index)[1]:
         raise ValueError(f"GemvConfig {cfg} needs {smem} bytes of shared memory, more than the device's "
                          f"{_device_limits(x.device.index)[1]}")
-    kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", cfg.options(x.dtype, rt.group_size, M), smem, x.device.index)
+    options = cfg.options(x.dtype, rt.group_size, M) + (rt.zero_option,)
+    kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", options, smem, x.device.index)
     grid = (-(-(N // 16) // cfg.nt), -(-M // (8 * cfg.mt)))
     bias_arg = bias if bias is not None else np.uint64(0)
     _cupy.launch(kernel, grid, (cfg.ks * 32,),

@@ -11,7 +11,12 @@ which mma column a k lands in, as long as weights and activations agree; that fr
       nibble 4*pl + 2*pp + rb = q[k = 64c + 32h + 8t + 4jj + 2pp + pl, n = 16*ntile + 8rb + g]
       so (w >> 4s) & 0x000F000F holds the f16x2 pair of mma register a_s (s = 0..3).
   scales  int32 [N/16, K/g, 8]       word g = (s[n=16nt+g], s[n=16nt+g+8]) as two fp16/bf16 (low half first)
-  zeros   uint8 [N/16, K/g, 8]       byte g = z[16nt+g] | z[16nt+g+8] << 4
+  zeros   uint8 [N/16, K/g, 16]      u16 g = 16 z[16nt+g] | 16 z[16nt+g+8] << 8 (zero points on a 1/16 grid)
+
+Zero points are fractional (fp16 in the canonical format, multiples of 1/16 in [0, 15]), so the kernels form
+(q - z) exactly: fp16 nibbles masked in place at bits 4..7 read 1024 + 16q, and one fma with 1/16 and -(64 + z)
+(exact: 64 + z has a 1/16 ulp) gives q - z; bf16 subtracts twice. A runtime whose zeros are all integers
+(AutoAWQ checkpoints) sets `frac_zeros` False and the kernels compile the integer path (2 shifts a word fewer).
 
 Groups of 32, 64 or 128 never split a half-chunk of 32, so one scale/zero pair covers a lane's 8 inputs.
 """
@@ -32,11 +37,16 @@ TILE_N = 16    # output channels per mma (the A operand's rows)
 @dataclass
 class W4A16Runtime:
     qweight: torch.Tensor            # int32 [N/16, K/64, 32, 4]
-    zeros: torch.Tensor              # uint8 [N/16, K/g, 8]
+    zeros: torch.Tensor              # uint8 [N/16, K/g, 16]: 16 z as u16 pairs (row g, row g + 8)
     scales: Dict[torch.dtype, torch.Tensor] = field(default_factory=dict)   # dtype -> int32 [N/16, K/g, 8]
     in_features: int = 0
     out_features: int = 0
     group_size: int = 0
+    frac_zeros: bool = False         # some zero point is not an integer: the kernels' fractional path
+
+    @property
+    def zero_option(self) -> str:
+        return f"-DZFRAC={int(self.frac_zeros)}"
 
     def scales_for(self, dtype: torch.dtype) -> torch.Tensor:
         """Scale pairs in the activation dtype (the kernels multiply in it); converted once per dtype."""
@@ -60,7 +70,8 @@ def supports(in_features: int, out_features: int, group_size: int) -> str:
 
 
 def repack(q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: int) -> W4A16Runtime:
-    """q: int [K, N] values 0..15, z: int [K/g, N], scales: [K/g, N] (fp16 or bf16) -> runtime layout."""
+    """q: int [K, N] values 0..15, z: [K/g, N] zero points (rounded to the 1/16 grid, 0..15), scales: [K/g, N]
+    (fp16 or bf16) -> runtime layout."""
     K, N = q.shape
     reason = supports(K, N, group_size)
     if reason:
@@ -76,23 +87,23 @@ def repack(q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: i
     def by_row_pair(t: torch.Tensor) -> torch.Tensor:              # [K/g, N] -> [N/16, K/g, 8, 2]
         return t.t().reshape(N // 16, 2, 8, ng).permute(0, 3, 2, 1).contiguous()
 
-    zp = by_row_pair(z.to(torch.int32))
-    zeros = (zp[..., 0] | (zp[..., 1] << 4)).to(torch.uint8)        # [N/16, K/g, 8]
+    z16 = (z.float() * 16).round().clamp(0, 240).to(torch.int32)    # [K/g, N]
+    zeros = by_row_pair(z16).to(torch.uint8).reshape(N // 16, ng, 16)  # little-endian u16 pairs (row g, row g+8)
     s = by_row_pair(scales).reshape(N // 16, ng, 16)
     return W4A16Runtime(qweight=words.contiguous(), zeros=zeros.contiguous(),
                         scales={scales.dtype: s.view(torch.int32).contiguous()},
-                        in_features=K, out_features=N, group_size=group_size)
+                        in_features=K, out_features=N, group_size=group_size,
+                        frac_zeros=bool((z16 % 16).any()))
 
 
 def unrepack(rt: W4A16Runtime, dtype: torch.dtype = torch.float16):
-    """Inverse of `repack` (tests): -> (q int32 [K, N], z int32 [K/g, N], scales [K/g, N] in dtype)."""
+    """Inverse of `repack` (tests): -> (q int32 [K, N], z float32 [K/g, N], scales [K/g, N] in dtype)."""
     K, N, ng = rt.in_features, rt.out_features, rt.in_features // rt.group_size
     w = rt.qweight.to(torch.int64) & 0xFFFFFFFF                      # [N/16, K/64, 32, 4]
     nib = (w.unsqueeze(-1) >> torch.arange(0, 32, 4, device=w.device)) & 0xF
     nib = nib.reshape(N // 16, K // 64, 8, 4, 2, 2, 2, 2, 2)         # [nt, c, g, t, h, jj, pl, pp, rb]
     q = nib.permute(0, 8, 2, 1, 4, 3, 5, 7, 6).reshape(N, K).t()
-    zb = rt.zeros.to(torch.int32)                                    # [N/16, K/g, 8]
-    zp = torch.stack([zb & 0xF, zb >> 4], -1)                        # [N/16, K/g, 8, 2]
+    zp = rt.zeros.reshape(N // 16, ng, 8, 2).float() / 16           # [N/16, K/g, g, row half]
     z = zp.permute(0, 3, 2, 1).reshape(N, ng).t()
     sp = rt.scales_for(dtype).view(dtype).reshape(N // 16, ng, 8, 2)
     s = sp.permute(0, 3, 2, 1).reshape(N, ng).t()
@@ -111,7 +122,7 @@ def random_runtime(in_features: int, out_features: int, group_size: int, scale: 
     nt, ng = out_features // TILE_N, in_features // group_size
     words = torch.randint(-2**31, 2**31 - 1, (nt, in_features // CHUNK_K, 32, 4), generator=generator,
                           device=device, dtype=torch.int32)
-    zeros = torch.full((nt, ng, 8), 0x88, dtype=torch.uint8, device=device)
+    zeros = torch.full((nt, ng, 16), 16 * 8, dtype=torch.uint8, device=device)
     pairs = torch.full((nt, ng, 16), scale, dtype=dtype, device=device).view(torch.int32)     # [N/16, K/g, 8]
     return W4A16Runtime(qweight=words, zeros=zeros, scales={dtype: pairs}, in_features=in_features,
                         out_features=out_features, group_size=group_size)
@@ -169,24 +180,89 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     return d;
 }
 
-// Scale and zero of rows g and g+8 for one group, as f16x2/bf16x2 pairs broadcast to both halves.
-struct GroupParams { u32 zlo, zhi, slo, shi; };
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+#if IS_BF16
+    u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+#else
+    u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+#endif
+}
 
-__device__ __forceinline__ GroupParams group_params(u32 scale_pair, u32 zero_byte) {
+// Zero points: `zp` is the u16 pair (16 z of row g, 16 z of row g + 8), z on a 1/16 grid in [0, 15]. q - z is formed
+// exactly and fed to the mma (decode) or multiplied by the scale (dequant_word). fp16 masks nibbles in place:
+// at bits 4..7 a half reads 1024 + 16q, and fma(., 1/16, -(64 + z)) is q - z exactly (64 + z has a 1/16 ulp); at
+// bits 0..3 it reads 1024 + q, and subtracting 1024 + z is exact for integer z only. So ZFRAC (some zero is
+// fractional) shifts every nibble pair to bits 4..7 (3 shifts + 4 lop3 + 4 fma a word); integer zeros use bits
+// 0..3 for rows g and 4..7 for rows g + 8 (1 shift + 4 lop3 + 4 half2 ops). bf16 (7 mantissa bits) shifts every
+// pair down to bits 0..3 and, for fractional zeros, subtracts 128 and then z (8 significant bits: exact).
+struct ZeroPair { u32 lo, hi; };      // the per-row constants of q_minus_z, in both halves
+
+__device__ __forceinline__ u32 zero_neg64(u32 z16) { return (0xD400u | z16) * 0x10001u; }   // fp16 -(64 + z)
+__device__ __forceinline__ u32 zero_magic(u32 z16) { return (MAGIC16 | (z16 >> 4)) * 0x10001u; }  // 1024 + z
+
+__device__ __forceinline__ ZeroPair zero_pair(u32 zp) {
+    const u32 zlo = zp & 0xFFu, zhi = (zp >> 8) & 0xFFu;
+    ZeroPair z;
+#if IS_BF16 && ZFRAC
+    z.lo = (__float_as_uint((float)zlo * 0.0625f) >> 16) * 0x10001u;
+    z.hi = (__float_as_uint((float)zhi * 0.0625f) >> 16) * 0x10001u;
+#elif IS_BF16
+    z.lo = zero_magic(zlo);
+    z.hi = zero_magic(zhi);
+#elif ZFRAC
+    z.lo = zero_neg64(zlo);
+    z.hi = zero_neg64(zhi);
+#else
+    z.lo = zero_magic(zlo);
+    z.hi = zero_neg64(zhi);
+#endif
+    return z;
+}
+
+// One packed word -> (q - z) for the four A registers of one m16n8k16 k-tile (a0/a2 row g, a1/a3 row g+8), exact.
+__device__ __forceinline__ void q_minus_z(u32 w, const ZeroPair& z, u32 a[4]) {
+#if IS_BF16 && ZFRAC
+    a[0] = sub2(sub2((w & 0x000F000Fu) | MAGIC, MAGIC), z.lo);
+    a[1] = sub2(sub2(((w >> 4) & 0x000F000Fu) | MAGIC, MAGIC), z.hi);
+    a[2] = sub2(sub2(((w >> 8) & 0x000F000Fu) | MAGIC, MAGIC), z.lo);
+    a[3] = sub2(sub2(((w >> 12) & 0x000F000Fu) | MAGIC, MAGIC), z.hi);
+#elif IS_BF16
+    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
+    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, z.hi);
+    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, z.lo);
+    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, z.hi);
+#elif ZFRAC
+    a[0] = fma2(((w << 4) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.lo);   // 0x2C00 = 1/16
+    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+    a[2] = fma2(((w >> 4) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.lo);
+    a[3] = fma2(((w >> 8) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+#else
+    const u32 w8 = w >> 8;
+    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
+    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+    a[2] = sub2((w8 & 0x000F000Fu) | MAGIC, z.lo);
+    a[3] = fma2((w8 & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+#endif
+}
+
+// Scale and zero of rows g and g+8 for one group, as f16x2/bf16x2 pairs broadcast to both halves.
+struct GroupParams { ZeroPair z; u32 slo, shi; };
+
+__device__ __forceinline__ GroupParams group_params(u32 scale_pair, u32 zero_pair16) {
     GroupParams p;
-    p.zlo = (MAGIC16 | (zero_byte & 15u)) * 0x10001u;
-    p.zhi = (MAGIC16 | (zero_byte >> 4)) * 0x10001u;
+    p.z = zero_pair(zero_pair16);
     p.slo = prmt(scale_pair, 0x1010u);
     p.shi = prmt(scale_pair, 0x3232u);
     return p;
 }
 
-// One packed word -> the four A registers of one m16n8k16 k-tile: a0/a2 row g, a1/a3 row g+8.
+// One packed word -> the four dequantized A registers, (q - z) * s rounded once (as the reference).
 __device__ __forceinline__ void dequant_word(u32 w, const GroupParams& p, u32 a[4]) {
-    a[0] = mul2(sub2((w & 0x000F000Fu) | MAGIC, p.zlo), p.slo);
-    a[1] = mul2(sub2(((w >> 4) & 0x000F000Fu) | MAGIC, p.zhi), p.shi);
-    a[2] = mul2(sub2(((w >> 8) & 0x000F000Fu) | MAGIC, p.zlo), p.slo);
-    a[3] = mul2(sub2(((w >> 12) & 0x000F000Fu) | MAGIC, p.zhi), p.shi);
+    q_minus_z(w, p.z, a);
+    a[0] = mul2(a[0], p.slo);
+    a[1] = mul2(a[1], p.shi);
+    a[2] = mul2(a[2], p.slo);
+    a[3] = mul2(a[3], p.shi);
 }
 
 __device__ __forceinline__ void mma16816(float c[4], const u32 a[4], u32 b0, u32 b1) {
