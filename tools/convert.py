@@ -66,7 +66,7 @@ def write_weights(src: Path, dst: Path, cfg: ModelConfig, dtype: Optional[str]) 
     per_layer = 7   # qkv, o, gate_up, down, 2 norms (+ bias): a rough total for the bar
     for name, t in tqdm(iter_hf_weights(src, cfg), total=3 + per_layer * cfg.num_layers, unit="tensor",
                         desc="convert weights"):
-        if dtype and t.is_floating_point() and not name.endswith(("scales",)):
+        if dtype and t.is_floating_point() and not name.endswith(("scales", "zeros")):
             t = t.to(_DTYPES[dtype])
         shard[name] = t.contiguous()
         size += t.numel() * t.element_size()

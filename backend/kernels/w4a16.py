@@ -1,10 +1,15 @@
 """W4A16 linear: int4 weights (AWQ, asymmetric, per-group scales and zeros), 16-bit activations.
 
-Canonical checkpoint format (AutoAWQ "gemm", what `lmtriton lite auto_awq` writes and the loader reads):
-  qweight int32 [in, out // 8]      8 output columns a word, nibble i holds column 8*j + AWQ_ORDER[i]
-  qzeros  int32 [in // g, out // 8] same packing
+Canonical format (what `lmtriton lite auto_awq` writes, what a Linear holds and the kernels take):
+  qweight int32 [in, out // 8]      AutoAWQ "gemm" packing: nibble i of word j holds column 8*j + AWQ_ORDER[i]
+  zeros   fp16  [in // g, out]      fractional zero points: multiples of ZERO_STEP = 1/16 in [0, 15]
   scales  fp16  [in // g, out]
   W[i, o] = (q[i, o] - z[i // g, o]) * s[i // g, o];  y = x @ W
+A fractional zero holds a group's minimum within 1/32 of a step (w = s * q + m with z = -m / s, as GGUF Q4_1
+stores groups), where an integer zero leaves up to half a step of offset on the whole group; on the 1/16 grid
+q - z is exact in fp16 and bf16.
+AutoAWQ checkpoints store integer zeros packed like qweight (`qzeros` int32 [in // g, out // 8]): the loader
+turns them into this format with zeros_from_qzeros, exactly.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ log = logging.getLogger(__name__)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+ZERO_STEP = 1 / 16     # the grid of the zero points; the kernels compute q - z exactly on it
+QMAX = 15
 
 
 def pack_awq(q: torch.Tensor) -> torch.Tensor:
@@ -43,21 +50,32 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return out.reshape(p.shape[0], -1)
 
 
+def round_zeros(z: torch.Tensor) -> torch.Tensor:
+    """Zero points (any float) -> fp16 on the ZERO_STEP grid, clamped to [0, 15]."""
+    return (torch.round(z.float() / ZERO_STEP) * ZERO_STEP).clamp(0, QMAX).half()
+
+
+def zeros_from_qzeros(qzeros: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ's packed integer zeros int32 [in // g, out // 8] -> fp16 zeros [in // g, out] (exact)."""
+    return unpack_awq(qzeros).half()
+
+
 def dequantize(q, z, scales, group_size: int) -> torch.Tensor:
-    """Unpacked codes q [in, out] and zeros z [in/g, out] -> W [in, out] in scales' dtype (float32 math)."""
+    """Unpacked codes q [in, out] and zeros z [in/g, out] (fractional or integer) -> W [in, out] in scales' dtype
+    (float32 math)."""
     z = z.float().repeat_interleave(group_size, 0)
     s = scales.float().repeat_interleave(group_size, 0)
     return ((q.float() - z) * s).to(scales.dtype)
 
 
-def dequantize_awq(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
-    """-> W [in, out] in scales' dtype (float32 math)."""
-    return dequantize(unpack_awq(qweight), unpack_awq(qzeros), scales, group_size)
+def dequantize_awq(qweight, zeros, scales, group_size: int) -> torch.Tensor:
+    """Packed qweight and fp16 zeros [in/g, out] -> W [in, out] in scales' dtype (float32 math)."""
+    return dequantize(unpack_awq(qweight), zeros, scales, group_size)
 
 
-def w4a16_linear_ref(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bias=None) -> torch.Tensor:
+def w4a16_linear_ref(x: torch.Tensor, qweight, zeros, scales, group_size: int, bias=None) -> torch.Tensor:
     """x: [T, in] -> [T, out]."""
-    w = dequantize_awq(qweight, qzeros, scales, group_size).float()
+    w = dequantize_awq(qweight, zeros, scales, group_size).float()
     y = x.float() @ w
     if bias is not None:
         y = y + bias.float()
@@ -65,10 +83,11 @@ def w4a16_linear_ref(x: torch.Tensor, qweight, qzeros, scales, group_size: int, 
 
 
 def quantize_rtn(weight: torch.Tensor, group_size: int):
-    """Round-to-nearest asymmetric int4. weight: [out, in] -> (qweight, qzeros, scales) in the canonical format.
+    """Round-to-nearest asymmetric int4. weight: [out, in] -> (qweight, zeros fp16, scales) in the canonical format.
 
-    Each group's range includes 0, so the zero point never clamps; q is rounded against the fp16 scale that is
-    stored, so |W - dequant| <= scale / 2 up to that scale's rounding.
+    Each group's range includes 0, so the zero point never clamps; the zero is fractional (round_zeros) and q is
+    rounded against the fp16 scale and the zero that are stored, so |W - dequant| <= scale / 2 up to that
+    scale's rounding and half a zero step.
     """
     out_features, in_features = weight.shape
     if group_size not in SUPPORTED_GROUP_SIZES:
@@ -80,9 +99,9 @@ def quantize_rtn(weight: torch.Tensor, group_size: int):
     wmax, wmin = w.amax(1).clamp(min=0), w.amin(1).clamp(max=0)                        # [in/g, out]
     scales = ((wmax - wmin) / 15).clamp(min=1e-6).half()
     s = scales.float()
-    zeros = (-wmin / s).round().clamp(0, 15)
-    q = (w / s.unsqueeze(1) + zeros.unsqueeze(1)).round().clamp(0, 15)                 # [in/g, g, out]
-    return pack_awq(q.reshape(in_features, out_features)), pack_awq(zeros), scales
+    zeros = round_zeros(-wmin / s)
+    q = (w / s.unsqueeze(1) + zeros.float().unsqueeze(1)).round().clamp(0, QMAX)     # [in/g, g, out]
+    return pack_awq(q.reshape(in_features, out_features)), zeros, scales
 
 
 def random_awq_linear(in_features: int, out_features: int, group_size: int = 128, dtype=torch.float16,
@@ -92,9 +111,9 @@ def random_awq_linear(in_features: int, out_features: int, group_size: int = 128
     from ..model.layers import Linear  # layers imports this module
     gen = torch.Generator(device=device).manual_seed(seed)
     w = torch.randn(out_features, in_features, generator=gen, device=device, dtype=torch.float32) * std
-    qweight, qzeros, scales = quantize_rtn(w, group_size)
+    qweight, zeros, scales = quantize_rtn(w, group_size)
     b = (torch.randn(out_features, generator=gen, device=device) * std).to(dtype) if bias else None
-    return Linear(bias=b, qweight=qweight, qzeros=qzeros, scales=scales, group_size=group_size)
+    return Linear(bias=b, qweight=qweight, zeros=zeros, scales=scales, group_size=group_size)
 
 
 def prepare(linear) -> W4A16Runtime:
@@ -129,7 +148,7 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
     """x: [..., in] -> [..., out]. CUDA fp16/bf16: GEMV, tensor-core GEMM or dequant + cuBLAS by token count."""
     bias = linear.bias
     if not (_cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16)):
-        return w4a16_linear_ref(x, linear.qweight, linear.qzeros, linear.scales, linear.group_size, bias)
+        return w4a16_linear_ref(x, linear.qweight, linear.zeros, linear.scales, linear.group_size, bias)
     rt = prepare(linear) if linear.runtime is None else linear.runtime
     if rt is None or rt is False:
         return F.linear(x, linear.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -11,13 +11,13 @@ from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
 class Linear:
-    """y = x @ W^T (+ b). Dense: weight [out, in]. AWQ: qweight/qzeros/scales in the canonical format, or only
-    the kernels' runtime layout (rt_qweight/rt_zeros/rt_scales, fp16 scale pairs: w4a16_runtime.random_runtime)."""
+    """y = x @ W^T (+ b). Dense: weight [out, in]. AWQ: qweight/zeros/scales in the canonical format
+    (backend/kernels/w4a16.py; AutoAWQ's packed qzeros are converted on load), or only the kernels' runtime layout (rt_qweight/rt_zeros/rt_scales, fp16 scale pairs: w4a16_runtime.random_runtime)."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                 qweight=None, qzeros=None, scales=None, group_size: int = 0):
+                 qweight=None, zeros=None, scales=None, group_size: int = 0):
         self.weight, self.bias = weight, bias
-        self.qweight, self.qzeros, self.scales, self.group_size = qweight, qzeros, scales, group_size
+        self.qweight, self.zeros, self.scales, self.group_size = qweight, zeros, scales, group_size
         self._dense_cache: Optional[torch.Tensor] = None
         self.runtime = None       # kernel-specific prepared form (GPU W4A16), set by the model runner
 
@@ -32,8 +32,12 @@ class Linear:
                                        out_features=scales.shape[0] * TILE_N, group_size=group_size)
             return lin
         if prefix + ".qweight" in w:
-            return cls(bias=bias, qweight=w[prefix + ".qweight"], qzeros=w[prefix + ".qzeros"],
-                       scales=w[prefix + ".scales"], group_size=group_size)
+            zeros = w.get(prefix + ".zeros")
+            if zeros is None:            # AutoAWQ checkpoint or an older workspace: packed integer zeros
+                zeros = w4a16.zeros_from_qzeros(w[prefix + ".qzeros"])
+            # fp16 whatever the model dtype the loader cast floats to: grid values are exact in fp16, bf16, fp32
+            return cls(bias=bias, qweight=w[prefix + ".qweight"], zeros=zeros.half(), scales=w[prefix + ".scales"],
+                       group_size=group_size)
         return cls(weight=w[prefix + ".weight"], bias=bias)
 
     @property
@@ -55,7 +59,7 @@ class Linear:
                 q, z, s = unrepack(self.runtime, torch.float16)
                 self._dense_cache = w4a16.dequantize(q, z, s, self.group_size).t().contiguous()
             else:
-                self._dense_cache = w4a16.dequantize_awq(self.qweight, self.qzeros, self.scales,
+                self._dense_cache = w4a16.dequantize_awq(self.qweight, self.zeros, self.scales,
                                                          self.group_size).t().contiguous()
         return self._dense_cache
 

@@ -2,6 +2,8 @@
 
 Accepted: AutoAWQ "gemm" checkpoints and what `lmtriton lite auto_awq` writes: 4-bit, zero point, group size
 32 / 64 / 128 dividing every linear's in_features. Anything else fails here, naming the field and what would work.
+zero_point says how the zeros are stored: true (AutoAWQ: integer zeros packed into int32 `qzeros`) or "fp16"
+(lmtriton: fractional fp16 `zeros`, backend/kernels/w4a16.py); the loader takes either.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Dict
 from ..kernels.w4a16 import SUPPORTED_GROUP_SIZES
 
 QUANT_CONFIG_FILE = "quant_config.json"     # AutoAWQ's side file (older checkpoints have only this one)
+ZERO_POINT_FP16 = "fp16"                    # quantization_config.zero_point of fp16 fractional zeros
 
 
 def parse_awq_config(qc: dict, in_features: Dict[str, int]) -> dict:
@@ -26,8 +29,11 @@ def parse_awq_config(qc: dict, in_features: Dict[str, int]) -> dict:
     if version != "gemm":
         raise ValueError(f"quantization_config.version {version!r} is not supported: only AutoAWQ 'gemm' packing "
                          f"(qweight [in, out/8]) is")
-    if qc.get("zero_point", True) is not True:
-        raise ValueError("quantization_config.zero_point must be true: only asymmetric AWQ (with qzeros) is supported")
+    zp = qc.get("zero_point", True)
+    if zp is not True and zp != ZERO_POINT_FP16:
+        raise ValueError(f"quantization_config.zero_point must be true (AutoAWQ: packed int4 qzeros) or "
+                         f"{ZERO_POINT_FP16!r} (fp16 zeros, `lmtriton lite auto_awq`), got {zp!r}; only asymmetric "
+                         f"AWQ is supported")
     g = qc.get("group_size", qc.get("q_group_size"))
     if g not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"quantization_config.group_size must be one of {SUPPORTED_GROUP_SIZES}, got {g!r}")

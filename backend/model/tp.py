@@ -5,8 +5,9 @@ Rank r of tp holds:
   o, down        row-parallel: the input dimension sliced; partial outputs are summed by an all-reduce,
                  so their bias is kept by rank 0 only (added once, before the sum)
   embed, norms, lm_head   replicated (rank 0 samples)
-Dense weights are [out, in]; AWQ tensors are [in, out/8] (qweight), [in/g, out/8] (qzeros), [in/g, out]
-(scales): column splits slice their dim 1, row splits their dim 0 (backend/kernels/w4a16.py has the format).
+Dense weights are [out, in]; AWQ tensors are [in, out/8] (qweight), [in/g, out] (zeros, scales) and, in workspaces
+written before fp16 zeros, [in/g, out/8] (qzeros): column splits slice their dim 1, row splits their dim 0
+(backend/kernels/w4a16.py has the format).
 Tensors may be safetensors slices (`safe_open(...).get_slice`): only the rank's part is read from disk.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from .config import ENGINE_CONFIG_FILE, ModelConfig
 
-_LAYER = re.compile(r"^layers\.\d+\.(qkv|o|gate_up|down)\.(weight|bias|qweight|qzeros|scales)$")
+_LAYER = re.compile(r"^layers\.\d+\.(qkv|o|gate_up|down)\.(weight|bias|qweight|zeros|qzeros|scales)$")
 PACK = 8   # int4 values per int32 word along AWQ's output dimension
 
 

@@ -2,9 +2,10 @@
 
 Engine names: embed.weight, norm.weight, lm_head.weight (absent when tied), and per layer i
   layers.i.input_norm.weight, layers.i.post_attn_norm.weight,
-  layers.i.{qkv,o,gate_up,down}.{weight,bias | qweight,qzeros,scales}
+  layers.i.{qkv,o,gate_up,down}.{weight,bias | qweight,zeros,scales}
 qkv = [q; k; v] and gate_up = [gate; up] are fused along the output dimension (dim 0 of a dense [out, in]
-weight, dim 1 of the AWQ [in, out/8] tensors).
+weight, dim 1 of the AWQ tensors). AWQ zeros are fp16 (backend/kernels/w4a16.py); an AutoAWQ checkpoint's packed
+integer `qzeros` are converted here, and workspaces written before that still hold `qzeros` (Linear converts).
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 
+from ..kernels.w4a16 import zeros_from_qzeros
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-QUANT_SUFFIXES = ("qweight", "qzeros", "scales")
+QUANT_SUFFIXES = ("qweight", "zeros", "scales")
 
 # per family: engine linear -> HF parts (concatenated in this order); None prefix parts are handled specially
 _LLAMA = {
@@ -95,7 +97,8 @@ def iter_hf_weights(model_dir, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Te
             if cfg.quant and f"{pre}.{parts[0]}.qweight" not in names and f"{pre}.{parts[0]}.weight" in names:
                 sufs = ("weight",)        # a linear the AWQ checkpoint keeps in fp (modules_to_not_convert)
             for suf in (("weight",) if ours.endswith("norm") else sufs + ("bias",)):
-                keys = [f"{pre}.{p}.{suf}" for p in parts]
+                packed = suf == "zeros" and f"{pre}.{parts[0]}.zeros" not in names   # AutoAWQ: int4 in int32
+                keys = [f"{pre}.{p}.{'qzeros' if packed else suf}" for p in parts]
                 if not all(k in names for k in keys):
                     if suf == "bias":
                         continue
@@ -104,7 +107,8 @@ def iter_hf_weights(model_dir, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Te
                 tensors = [get(k) for k in keys]
                 if cfg.arch == "InternLM2ForCausalLM" and ours == "qkv":
                     tensors = _split_internlm2_wqkv(tensors[0], cfg, dim)
-                yield f"layers.{i}.{ours}.{suf}", torch.cat(tensors, dim) if len(tensors) > 1 else tensors[0]
+                t = torch.cat(tensors, dim) if len(tensors) > 1 else tensors[0]
+                yield f"layers.{i}.{ours}.{suf}", zeros_from_qzeros(t) if packed else t
 
 
 def load_weights(model_dir, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
