@@ -74,7 +74,7 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, im
     del cache
     fixed = partition > 0
     if partition <= 0:
-        partition = pa.default_partition(batch, hq, hk, impl)
+        partition = pa.default_partition(batch, hq, hk, impl, kv_dtype)
     log.info("  %s %s:%sx%s kv=%s B=%d ctx=%d P=%d%s: %.3f ms", impl, hq, hk, d, kv_dtype, batch, ctx, partition,
              f" tiles={pa.MMA_TILES}" if impl == "mma" and pa.MMA_TILES else "", ms)
     return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,

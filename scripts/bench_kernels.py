@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.kernels import w4a16
-from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm
+from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm, splitk_config
 from backend.kernels import w4a16_decode
 from backend.kernels.w4a16_decode import DecodeConfig
 from backend.kernels.w4a16_gemv import gemv
@@ -96,12 +96,15 @@ def l2_bytes() -> int:
     return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
 
 
-def awq_pool(K: int, N: int, group: int, dtype=torch.float16):
-    """Enough prepared copies of one random AWQ linear that a pass over them streams from HBM."""
-    nbytes = K * N // 2 + (K // group) * N * 5 // 2
+def awq_pool(K: int, N: int, group: int, dtype=torch.float16, int_zeros: bool = False):
+    """Enough prepared copies of one random AWQ linear that a pass over them streams from HBM. RTN gives
+    fractional zero points (the kernels' ZFRAC path); int_zeros rounds them (AutoAWQ checkpoints: integer path)."""
+    nbytes = K * N // 2 + (K // group) * N * 3      # runtime bytes: codes, fp16 scales, 8-bit zeros
     linears = [w4a16.random_awq_linear(K, N, group, dtype=dtype, device="cuda", seed=i)
                for i in range(max(2, -(-3 * l2_bytes() // nbytes)))]
     for lin in linears:
+        if int_zeros:
+            lin.zeros = lin.zeros.round()
         w4a16.prepare(lin)
     return linears, nbytes
 
@@ -149,10 +152,12 @@ def bench_gemv(bw, groups, tokens, sweep):
         dense = dense_pool(K, N)
         for group in groups:
             pool, nbytes = awq_pool(K, N, group)
+            pool_int, _ = awq_pool(K, N, group, int_zeros=True)
             for M in tokens:
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 total = nbytes + M * K * 2
                 ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
+                ms_int = graph_ms(over(pool_int, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool_int))
                 ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
                 copies = copy_pool(total)
@@ -160,6 +165,7 @@ def bench_gemv(bw, groups, tokens, sweep):
                 del copies
                 cfg = w4a16_decode.default_config(N, K, group, 0)
                 rows.append(dict(K=K, N=N, group=group, M=M, config=cfg.__dict__, us=ms * 1e3,
+                                 int_zeros_us=ms_int * 1e3, int_zeros_frac_copy_bw=total / (ms_int / 1e3) / bw,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
                                  ring_us=ms_ring * 1e3, ring_frac_copy_bw=total / (ms_ring / 1e3) / bw,
                                  same_bytes_copy_us=ms_copy * 1e3, frac_same_bytes_copy=ms_copy / ms,
@@ -172,7 +178,7 @@ def bench_gemv(bw, groups, tokens, sweep):
                         sweeps.append(dict(K=K, N=N, M=M, group=group, config=cfg.__dict__, us=ms_c * 1e3,
                                            frac_copy_bw=total / (ms_c / 1e3) / bw))
                         log.info("sweep %s", sweeps[-1])
-            del pool
+            del pool, pool_int
     return rows, sweeps
 
 
@@ -186,6 +192,12 @@ def bench_gemm(tokens, group=128):
             flops = 2 * M * K * N
             paths = {name: (lambda lin, c=cfg: gemm(x, lin.runtime, None, c))
                      for name, cfg in GEMM_VARIANTS.items() if M >= 16}
+            if M <= 128:   # split-K tensor-core GEMM for few tokens: n-tile width x number of K splits (0 = auto)
+                sm = torch.cuda.get_device_properties(0).multi_processor_count
+                for ntw in (1, 2):
+                    for sk in (0, 2, 4, 8):
+                        cfg = splitk_config(M, N, K, sm, ntw=ntw, splitk=sk)
+                        paths[f"splitk_n{cfg.bn}_s{sk or 'auto'}"] = lambda lin, c=cfg: gemm(x, lin.runtime, None, c)
             paths["dequant_cublas"] = lambda lin: dequant_matmul(x, lin.runtime)
             if M <= 256:
                 paths["gemv"] = lambda lin: gemv(x, lin.runtime)
@@ -241,6 +253,17 @@ def markdown(res) -> str:
         cells = [f"{r[k + '_tflops']:.1f}" if k + "_tflops" in r else "-"
                  for k in ["gemv", *GEMM_VARIANTS, "dequant_cublas", "fp16_cublas"]]
         out.append(f"| {r['K']}x{r['N']} | {r['M']} | " + " | ".join(cells) + f" | {r['fastest_w4a16']} |")
+    splitk = [r for r in res["gemm"] if any(k.startswith("splitk_") for k in r)]
+    if splitk:
+        out += ["", "Split-K tensor-core GEMM for few tokens (`splitk_n<channels per block>_s<K splits>`), TFLOP/s:", "",
+                "| K x N | M | best split-K | TFLOP/s | ring GEMV | fp16 cuBLAS | all split-K variants |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in splitk:
+            names = sorted(k[:-7] for k in r if k.startswith("splitk_") and k.endswith("_tflops"))
+            best = max(names, key=lambda n: r[n + "_tflops"] if r[n + "_tflops"] == r[n + "_tflops"] else -1)
+            out.append(f"| {r['K']}x{r['N']} | {r['M']} | {best} | {r[best + '_tflops']:.1f} | "
+                       f"{r.get('gemv_tflops', float('nan')):.1f} | {r['fp16_cublas_tflops']:.1f} | "
+                       + ", ".join(f"{n[7:]} {r[n + '_tflops']:.0f}" for n in names) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -251,6 +274,7 @@ def main(argv=None) -> int:
                    "(group 128), e.g. 1,8")
     p.add_argument("--quick", action="store_true", help="group 128 only, fewer token counts")
     p.add_argument("--gemv-only", action="store_true", help="skip the GEMM comparison")
+    p.add_argument("--gemm-only", action="store_true", help="skip the GEMV table")
     p.add_argument("--gemm-tokens", default="", help="token counts of the GEMM comparison (default: 1..4096)")
     p.add_argument("--profile", default="", help="K,N,M[,nt,ks,u]: run the decode GEMV for ncu and exit")
     args = p.parse_args(argv)
@@ -273,7 +297,8 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=1)
     groups = (128,) if args.quick else (32, 64, 128)
     sweep = [int(m) for m in args.sweep.split(",") if m]
-    res["gemv"], res["gemv_sweep"] = bench_gemv(bw, groups, (1, 8) if args.quick else (1, 4, 8), sweep)
+    res["gemv"], res["gemv_sweep"] = ([], []) if args.gemm_only else bench_gemv(
+        bw, groups, (1, 8) if args.quick else (1, 4, 8), sweep)
     save()
     gemm_tokens = [int(m) for m in args.gemm_tokens.split(",") if m] or ([16, 256, 4096] if args.quick else TOKENS)
     res["gemm"] = [] if args.gemv_only else bench_gemm(gemm_tokens)

@@ -16,12 +16,15 @@ from backend.kernels.w4a16_runtime import repack, supports, unrepack
 from backend.model.layers import Linear
 
 
-def _random_awq(K, N, group, seed=0, device="cpu"):
+def _random_awq(K, N, group, seed=0, device="cpu", frac=True):
+    """-> (qweight, zeros fp16, scales, q, zeros): random codes, zero points on the 1/16 grid (integers if not
+    frac), scales."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randint(0, 16, (K, N), generator=gen, dtype=torch.int32)
-    z = torch.randint(0, 16, (K // group, N), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 241, (K // group, N), generator=gen, dtype=torch.int32).half() / 16
+    z = z if frac else z.round()
     s = (torch.rand(K // group, N, generator=gen) * 0.02 + 0.001).half()
-    return w4a16.pack_awq(q).to(device), w4a16.pack_awq(z).to(device), s.to(device), q, z
+    return w4a16.pack_awq(q).to(device), z.to(device), s.to(device), q, z
 
 
 def test_pack_unpack_round_trip():
@@ -44,10 +47,10 @@ def test_pack_rejects_bad_columns():
 def test_quantize_rtn_error_bound(group):
     w = torch.randn(48, 256) * 0.05
     w[3, 7] = 0.9                                                        # an outlier widens one group
-    qweight, qzeros, scales = w4a16.quantize_rtn(w, group)
-    assert qweight.shape == (256, 6) and qzeros.shape == (256 // group, 6) and scales.shape == (256 // group, 48)
-    assert scales.dtype == torch.float16
-    deq = w4a16.dequantize_awq(qweight, qzeros, scales, group).float().t()   # [out, in]
+    qweight, zeros, scales = w4a16.quantize_rtn(w, group)
+    assert qweight.shape == (256, 6) and zeros.shape == (256 // group, 48) and scales.shape == (256 // group, 48)
+    assert scales.dtype == torch.float16 and zeros.dtype == torch.float16
+    deq = w4a16.dequantize_awq(qweight, zeros, scales, group).float().t()    # [out, in]
     s = scales.float().repeat_interleave(group, 0).t()
     err = (deq - w).abs()
     assert (err <= 0.51 * s + 1e-6).all(), float((err / s).max())
@@ -64,7 +67,7 @@ def test_quantize_rtn_names_bad_arguments():
 def test_random_awq_linear_cpu_matches_dense():
     lin = w4a16.random_awq_linear(128, 64, group_size=64, bias=True, dtype=torch.float32)
     x = torch.randn(3, 128)
-    ref = w4a16.w4a16_linear_ref(x, lin.qweight, lin.qzeros, lin.scales, 64, lin.bias)
+    ref = w4a16.w4a16_linear_ref(x, lin.qweight, lin.zeros, lin.scales, 64, lin.bias)
     torch.testing.assert_close(lin(x), ref, rtol=1e-3, atol=1e-4)
 
 
@@ -73,9 +76,10 @@ def test_runtime_layout_round_trip(group):
     K, N = 256, 48
     _, _, s, q, z = _random_awq(K, N, group)
     rt = repack(q, z, s, group)
-    assert rt.qweight.shape == (N // 16, K // 64, 32, 4) and rt.zeros.shape == (N // 16, K // group, 8)
+    assert rt.qweight.shape == (N // 16, K // 64, 32, 4) and rt.zeros.shape == (N // 16, K // group, 16)
+    assert rt.frac_zeros and not repack(q, z.round(), s, group).frac_zeros   # the kernels' integer path
     q2, z2, s2 = unrepack(rt)
-    assert torch.equal(q2, q) and torch.equal(z2, z) and torch.equal(s2, s)
+    assert torch.equal(q2, q) and torch.equal(z2, z.float()) and torch.equal(s2, s)
     _, _, sb = unrepack(rt, torch.bfloat16)                                # converted once, cached
     assert sb.dtype == torch.bfloat16 and torch.bfloat16 in rt.scales
 
@@ -92,7 +96,7 @@ def _emulate_kernel(x, rt):
     K, N, G = rt.in_features, rt.out_features, rt.group_size
     words = rt.qweight.numpy().astype(np.int64) & 0xFFFFFFFF            # [N/16, K/64, 32, 4]
     sc = rt.scales_for(torch.float16).view(torch.float16).numpy().astype(np.float32)  # [N/16, K/G, 16]
-    zb = rt.zeros.numpy().astype(np.int64)                               # [N/16, K/G, 8]
+    zb = rt.zeros.numpy().astype(np.float32).reshape(N // 16, K // G, 8, 2) / 16   # [N/16, K/G, g, row half]
     xs = x.numpy().astype(np.float32)                                    # [M <= 8, K]
     y = np.zeros((8, N), np.float32)
     for nt in range(N // 16):
@@ -104,7 +108,7 @@ def _emulate_kernel(x, rt):
                     g, t = divmod(lane, 4)
                     grp = (c * 64 + 32 * h) // G
                     s_lo, s_hi = sc[nt, grp, 2 * g], sc[nt, grp, 2 * g + 1]
-                    z_lo, z_hi = zb[nt, grp, g] & 15, zb[nt, grp, g] >> 4
+                    z_lo, z_hi = zb[nt, grp, g, 0], zb[nt, grp, g, 1]
                     w = words[nt, c, lane, j]
                     for r in range(4):                                   # a_r = (w >> 4r) & 0x000F000F
                         lo, hi = (w >> (4 * r)) & 0xF, (w >> (4 * r + 16)) & 0xF
@@ -123,18 +127,18 @@ def _emulate_kernel(x, rt):
 @pytest.mark.parametrize("group", [32, 128])
 def test_kernel_fragment_math_matches_reference(group):
     K, N = 128, 32
-    qweight, qzeros, s, q, z = _random_awq(K, N, group, seed=1)
+    qweight, zeros, s, q, z = _random_awq(K, N, group, seed=1)
     x = torch.randn(3, K).half()
     y = _emulate_kernel(x, repack(q, z, s, group))
-    ref = w4a16.w4a16_linear_ref(x.float(), qweight, qzeros, s, group)
+    ref = w4a16.w4a16_linear_ref(x.float(), qweight, z, s, group)
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_dispatch_is_the_reference():
-    qweight, qzeros, s, _, _ = _random_awq(128, 32, 64)
-    lin = Linear(qweight=qweight, qzeros=qzeros, scales=s, group_size=64)
+    qweight, _, s, _, z = _random_awq(128, 32, 64)
+    lin = Linear(qweight=qweight, zeros=z.half(), scales=s, group_size=64)
     x = torch.randn(2, 5, 128)
-    assert torch.equal(w4a16.w4a16_linear(x, lin), w4a16.w4a16_linear_ref(x, qweight, qzeros, s, 64))
+    assert torch.equal(w4a16.w4a16_linear(x, lin), w4a16.w4a16_linear_ref(x, qweight, z.half(), s, 64))
     assert lin.runtime is None                                           # nothing prepared on the CPU
 
 
@@ -159,26 +163,33 @@ def _check(y, ref, dtype):
 def gpu_linears():
     cache = {}
 
-    def get(K, N, group):
-        if (K, N, group) not in cache:
-            cache[(K, N, group)] = w4a16.random_awq_linear(K, N, group, device="cuda", bias=True, seed=K + N + group)
-        return cache[(K, N, group)]
+    def get(K, N, group, frac=True):
+        """RTN-quantized random weights: fractional zero points, or (frac=False) the same rounded to integers,
+        which the kernels run through their integer path."""
+        if (K, N, group, frac) not in cache:
+            lin = w4a16.random_awq_linear(K, N, group, device="cuda", bias=True, seed=K + N + group)
+            if not frac:
+                lin.zeros = lin.zeros.round()
+            cache[(K, N, group, frac)] = lin
+        return cache[(K, N, group, frac)]
     return get
 
 
 def _ref(x, lin):
-    return w4a16.w4a16_linear_ref(x.float(), lin.qweight, lin.qzeros, lin.scales, lin.group_size, lin.bias.float())
+    return w4a16.w4a16_linear_ref(x.float(), lin.qweight, lin.zeros, lin.scales, lin.group_size, lin.bias.float())
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("K,N", SHAPES)
-def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
+def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
     from backend.kernels import w4a16_decode, w4a16_gemm, w4a16_gemv
     K = 640 if K % group else K
-    lin = gpu_linears(K, N, group)
+    lin = gpu_linears(K, N, group, frac)
     rt = w4a16.prepare(lin)
+    assert rt.frac_zeros == frac
     bias = lin.bias.to(dtype)
     for M in TOKENS:
         x = torch.randn(M, K, device="cuda", dtype=dtype)
@@ -186,6 +197,7 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype):
         _check(w4a16.w4a16_linear(x, lin), ref, dtype)                 # the dispatch
         if M <= 64:
             _check(w4a16_gemv.gemv(x, rt, bias), ref, dtype)
+            _check(w4a16_gemm.gemm(x, rt, bias, w4a16_gemm.splitk_config(M, N, K, 132)), ref, dtype)
         if M <= 8:
             _check(w4a16_decode.gemv(x, rt, bias), ref, dtype)
         _check(w4a16_gemm.gemm(x, rt, bias), ref, dtype)
@@ -209,12 +221,13 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
 @pytest.mark.parametrize("cfg", [(1, 1, 1), (1, 2, 2), (2, 4, 4), (1, 16, 4), (4, 8, 1), (2, 16, 2), (1, 3, 8)])
-def test_decode_gemv_configs_agree(gpu_linears, cfg, group):
+def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac):
     # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
     from backend.kernels.w4a16_decode import DecodeConfig, gemv
     nt, ks, u = cfg
-    lin = gpu_linears(1280 if group == 128 else 1216, 1728, group)
+    lin = gpu_linears(1280 if group == 128 else 1216, 1728, group, frac)
     rt = w4a16.prepare(lin)
     for M in (1, 3, 8):
         for dtype in (torch.float16, torch.bfloat16):
@@ -231,34 +244,39 @@ def test_decode_gemv_refuses_more_than_8_tokens(gpu_linears):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [(64, 2, 2), (128, 2, 2), (64, 1, 2), (128, 1, 2), (64, 4, 1), (32, 4, 1), (64, 2, 1)])
+@pytest.mark.parametrize("cfg", [(64, 2, 2, 1), (128, 2, 2, 1), (64, 1, 2, 1), (128, 1, 2, 1), (64, 4, 1, 1),
+                                 (32, 4, 1, 1), (64, 2, 1, 1), (64, 1, 1, 4), (16, 1, 2, 3), (32, 1, 1, 9),
+                                 (64, 2, 1, 2)])
 def test_gemm_configs_agree(gpu_linears, cfg):
+    # split-K (last field > 1): K=576 is 9 chunks, so 4 splits get 3, 3, 3, 0 chunks... (an empty split adds 0)
     from backend.kernels.w4a16_gemm import GemmConfig, gemm
     lin = gpu_linears(576, 1728, 64)
     rt = w4a16.prepare(lin)
     for M in (1, 37, 300):
-        x = torch.randn(M, 576, device="cuda", dtype=torch.bfloat16)
-        config = GemmConfig(bm=cfg[0], warps_m=cfg[1], ntw=cfg[2])
-        _check(gemm(x, rt, lin.bias.bfloat16(), config), _ref(x, lin), torch.bfloat16)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(M, 576, device="cuda", dtype=dtype)
+            config = GemmConfig(bm=cfg[0], warps_m=cfg[1], ntw=cfg[2], splitk=cfg[3], minb=2 if cfg[3] > 1 else 1)
+            _check(gemm(x, rt, lin.bias.to(dtype), config), _ref(x, lin), dtype)
 
 
 @pytest.mark.gpu
-def test_dequantize_kernel_is_exact():
+@pytest.mark.parametrize("frac", [True, False])
+def test_dequantize_kernel_is_exact(frac):
     from backend.kernels.w4a16_gemm import dequantize
-    qweight, qzeros, s, _, _ = _random_awq(256, 96, 32, device="cuda")
-    lin = Linear(qweight=qweight, qzeros=qzeros, scales=s, group_size=32)
+    qweight, zeros, s, _, _ = _random_awq(256, 96, 32, device="cuda", frac=frac)
+    lin = Linear(qweight=qweight, zeros=zeros, scales=s, group_size=32)
     wt = dequantize(w4a16.prepare(lin), torch.float16)
-    assert torch.equal(wt, w4a16.dequantize_awq(qweight, qzeros, s, 32).t())
+    assert torch.equal(wt, w4a16.dequantize_awq(qweight, zeros, s, 32).t())
 
 
 @pytest.mark.gpu
 def test_unsupported_shape_falls_back_and_3d_input():
-    qweight, qzeros, s, _, _ = _random_awq(96, 64, 32, device="cuda")   # K=96 is not a multiple of 64
-    lin = Linear(qweight=qweight, qzeros=qzeros, scales=s, group_size=32)
+    qweight, zeros, s, _, _ = _random_awq(96, 64, 32, device="cuda")   # K=96 is not a multiple of 64
+    lin = Linear(qweight=qweight, zeros=zeros, scales=s, group_size=32)
     x = torch.randn(2, 3, 96, device="cuda", dtype=torch.float16)
     y = lin(x)
     assert lin.runtime is False and y.shape == (2, 3, 64)
-    _check(y.reshape(6, 64), w4a16.w4a16_linear_ref(x.reshape(6, 96).float(), qweight, qzeros, s, 32), torch.float16)
+    _check(y.reshape(6, 64), w4a16.w4a16_linear_ref(x.reshape(6, 96).float(), qweight, zeros, s, 32), torch.float16)
 
 
 @pytest.mark.gpu

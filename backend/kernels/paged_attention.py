@@ -27,9 +27,11 @@ PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs
 SMALL_PARTITION = 128    # context bound, so a CUDA graph's static bound gives the eager path's exact result
 SMALL_GRID = 64          # CTAs per split below which the small partition is used (bs=1; measured, docs)
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
-# Decode kernel: "cuda" (CUDA cores, paged_attention_cuda.py) or "mma" (tensor cores, paged_attention_mma.py, for
-# GQA ratios <= 8; others fall back to "cuda"). The bench and tests flip this module constant.
-DECODE_IMPL = os.environ.get("LMTRITON_DECODE_ATTN", "cuda")
+# Decode kernel: "cuda" (CUDA cores, paged_attention_cuda.py), "mma" (tensor cores, paged_attention_mma.py, for
+# GQA ratios <= 8; others fall back to "cuda") or "auto": mma for GQA or an int8/int4 cache, cuda for MHA with a
+# 16-bit cache (measured on an H200, docs/benchmarks.md: mma 0.63x the cuda kernel's time for GQA 32:8 int8/int4,
+# 0.95x fp16, 0.85x MHA int4, 1.08x MHA fp16). The bench and tests flip this module constant.
+DECODE_IMPL = os.environ.get("LMTRITON_DECODE_ATTN", "auto")
 MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp (0: its default, 1/2/4 by KV kind)
 _LOG2E = 1.4426950408889634
 
@@ -73,17 +75,19 @@ def rep_tile(rep: int) -> int:
     return rep if best == 1 and rep <= 8 else best
 
 
-def use_mma(hq: int, hk: int, impl: str = "") -> bool:
-    """Whether the tensor-core kernel takes this shape under `impl` ("" = DECODE_IMPL)."""
+def use_mma(hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> bool:
+    """Whether the tensor-core kernel takes this shape and cache dtype under `impl` ("" = DECODE_IMPL)."""
     impl = impl or DECODE_IMPL
-    if impl not in ("cuda", "mma"):
-        raise ValueError(f"decode attention impl must be 'cuda' or 'mma', got {impl!r}")
+    if impl not in ("cuda", "mma", "auto"):
+        raise ValueError(f"decode attention impl must be 'auto', 'cuda' or 'mma', got {impl!r}")
+    if impl == "auto":
+        return hq // hk <= 8 and (hq > hk or kv_dtype != "auto")
     return impl == "mma" and hq // hk <= 8
 
 
-def default_partition(b: int, hq: int, hk: int, impl: str = "") -> int:
+def default_partition(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> int:
     """Tokens per split: the small partition when one split's grid is below SMALL_GRID CTAs."""
-    ctas = b * hk if use_mma(hq, hk, impl) else b * (hq // rep_tile(hq // hk))
+    ctas = b * hk if use_mma(hq, hk, impl, kv_dtype) else b * (hq // rep_tile(hq // hk))
     return SMALL_PARTITION if ctas < SMALL_GRID else PARTITION
 
 
@@ -94,9 +98,9 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
     b, hq, d = q.shape
     hk = layer.k.shape[1]
     tile = rep_tile(hq // hk)
-    mma = use_mma(hq, hk, impl) and layer.block_size >= 16      # a 16-token tile never straddles a block
+    mma = use_mma(hq, hk, impl, layer.kv_dtype) and layer.block_size >= 16   # a 16-token tile never straddles a block
     if partition <= 0:
-        partition = default_partition(b, hq, hk, impl)
+        partition = default_partition(b, hq, hk, impl, layer.kv_dtype)
     if mma and partition % 16:
         raise ValueError(f"partition must be a multiple of 16 for the tensor-core kernel, got {partition}")
     nsplit = max(1, -(-max_context_len // partition))

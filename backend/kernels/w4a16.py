@@ -14,6 +14,7 @@ turns them into this format with zeros_from_qzeros, exactly.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,7 @@ def prepare(linear) -> W4A16Runtime:
         linear.runtime = False
         return None
     q = unpack_awq(linear.qweight)
-    z = unpack_awq(linear.qzeros)
+    z = linear.zeros
     scales = linear.scales if linear.scales.dtype in (torch.float16, torch.bfloat16) else linear.scales.half()
     linear.runtime = repack(q, z, scales, linear.group_size)
     return linear.runtime
@@ -142,6 +143,12 @@ def prepare(linear) -> W4A16Runtime:
 DECODE_MAX_TOKENS = w4a16_decode.MAX_TOKENS
 GEMV_MAX_TOKENS = 64
 GEMM_MAX_TOKENS = 64
+# From SPLITK_MIN_TOKENS up to GEMV_MAX_TOKENS, on weights of at least SPLITK_MIN_WEIGHTS (K x N), the split-K
+# tensor-core GEMM replaces the ring GEMV: at 64 tokens on an H200 it ran 4096x11008 at 157 TFLOP/s and 11008x4096
+# at 162 (ring GEMV 119 / 135) but 4096x4096 at 108 (ring 114), and lost at 16-32 tokens except 4096x11008 at 32
+# (scripts/bench_kernels.py --quick --gemm-tokens 16,32,64,128; docs/benchmarks.md).
+SPLITK_MIN_TOKENS = int(os.environ.get("LMTRITON_W4A16_SPLITK_MIN", "64"))
+SPLITK_MIN_WEIGHTS = 32 * 2**20
 
 
 def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
@@ -161,6 +168,9 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
         y = x2.new_empty(0, rt.out_features)
     elif T <= DECODE_MAX_TOKENS:
         y = w4a16_decode.gemv(x2, rt, b)
+    elif SPLITK_MIN_TOKENS <= T <= GEMV_MAX_TOKENS and rt.in_features * rt.out_features >= SPLITK_MIN_WEIGHTS:
+        sm_count = w4a16_gemv.device_limits(x2.device.index)[0]
+        y = w4a16_gemm.gemm(x2, rt, b, w4a16_gemm.splitk_config(T, rt.out_features, rt.in_features, sm_count))
     elif T <= GEMV_MAX_TOKENS:
         y = w4a16_gemv.gemv(x2, rt, b)
     elif T <= GEMM_MAX_TOKENS:

@@ -212,7 +212,7 @@ class GemvConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_limits(device: int):
+def device_limits(device: int):
     props = torch.cuda.get_device_properties(device)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 227 * 1024)
 
@@ -221,7 +221,7 @@ def default_config(M: int, N: int, K: int, group_size: int, device: int) -> Gemv
     """The best of the block-configuration sweep of scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
     2 n-tiles a block where n-tiles alone fill the SMs, a 2-slot ring, and the most warps splitting K (up to 16)
     that still keep the whole grid resident in one wave (about 32 warps an SM fit the registers at mt=1)."""
-    sm_count, smem_limit = _device_limits(device)
+    sm_count, smem_limit = device_limits(device)
     mt = min(4, -(-M // 8))
     ntiles, nchunks = N // 16, K // 64
     nt = 2 if ntiles >= sm_count else 1
@@ -243,9 +243,9 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None
     cfg = config or default_config(M, N, K, rt.group_size, x.device.index)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size, M)
-    if smem > _device_limits(x.device.index)[1]:
+    if smem > device_limits(x.device.index)[1]:
         raise ValueError(f"GemvConfig {cfg} needs {smem} bytes of shared memory, more than the device's "
-                         f"{_device_limits(x.device.index)[1]}")
+                         f"{device_limits(x.device.index)[1]}")
     options = cfg.options(x.dtype, rt.group_size, M) + (rt.zero_option,)
     kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", options, smem, x.device.index)
     grid = (-(-(N // 16) // cfg.nt), -(-M // (8 * cfg.mt)))

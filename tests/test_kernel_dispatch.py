@@ -1,0 +1,30 @@
+"""Which CUDA kernel a shape gets: pure decisions, checked on the CPU (the kernels themselves: -m gpu tests)."""
+import pytest
+
+from backend.kernels import paged_attention as pa
+from backend.kernels.w4a16_gemm import splitk_config
+
+
+def test_decode_attention_auto_takes_tensor_cores_for_gqa_or_quantized_kv():
+    assert pa.use_mma(32, 8, "auto") and pa.use_mma(9, 3, "auto")                     # GQA, 16-bit cache
+    assert pa.use_mma(32, 32, "auto", "int8") and pa.use_mma(32, 32, "auto", "int4")  # MHA, quantized cache
+    assert not pa.use_mma(32, 32, "auto")                      # MHA, 16-bit cache: the CUDA-core kernel is faster
+    assert not pa.use_mma(64, 4, "auto", "int8")               # GQA ratio 16: the mma kernel takes at most 8
+    assert pa.use_mma(32, 32, "mma") and not pa.use_mma(32, 8, "cuda")
+    with pytest.raises(ValueError, match="'auto', 'cuda' or 'mma'"):
+        pa.use_mma(32, 8, "tensor")
+
+
+def test_default_partition_follows_the_kernel_choice():
+    # bs=1: the mma kernel's grid is one CTA per KV head, the CUDA-core kernel's one per query-head tile
+    assert pa.default_partition(1, 32, 8, "auto") == pa.SMALL_PARTITION
+    assert pa.default_partition(64, 32, 32, "auto", "int8") == pa.PARTITION
+
+
+@pytest.mark.parametrize("M,N,K", [(16, 4096, 4096), (64, 11008, 4096), (33, 4096, 11008)])
+def test_splitk_config_fills_the_sms_and_covers_the_tokens(M, N, K):
+    cfg = splitk_config(M, N, K, sm_count=132)
+    assert cfg.bm >= M or cfg.bm == 64
+    assert cfg.warps_m == 1 and 1 <= cfg.splitk <= K // 64 // 4
+    blocks = -(-N // cfg.bn) * -(-M // cfg.bm) * cfg.splitk
+    assert 132 <= blocks <= 4 * 132, blocks
