@@ -39,7 +39,7 @@ def weight_bytes_per_step(model) -> int:
     for layer in model.layers:
         total += 2 * layer.input_norm.numel() * layer.input_norm.element_size()
         for lin in layer.linears():
-            for t in (lin.weight, lin.bias, lin.qweight, lin.qzeros, lin.scales):
+            for t in (lin.weight, lin.bias, lin.qweight, lin.zeros, lin.scales):
                 if t is not None:
                     total += t.numel() * t.element_size()
     return total
