@@ -44,10 +44,10 @@ def test_pack_rejects_bad_columns():
 def test_quantize_rtn_error_bound(group):
     w = torch.randn(48, 256) * 0.05
     w[3, 7] = 0.9                                                        # an outlier widens one group
-    qweight, qzeros, scales = w4a16.quantize_rtn(w, group)
-    assert qweight.shape == (256, 6) and qzeros.shape == (256 // group, 6) and scales.shape == (256 // group, 48)
-    assert scales.dtype == torch.float16
-    deq = w4a16.dequantize_awq(qweight, qzeros, scales, group).float().t()   # [out, in]
+    qweight, zeros, scales = w4a16.quantize_rtn(w, group)
+    assert qweight.shape == (256, 6) and zeros.shape == (256 // group, 48) and scales.shape == (256 // group, 48)
+    assert scales.dtype == torch.float16 and zeros.dtype == torch.float16
+    deq = w4a16.dequantize_awq(qweight, zeros, scales, group).float().t()    # [out, in]
     s = scales.float().repeat_interleave(group, 0).t()
     err = (deq - w).abs()
     assert (err <= 0.51 * s + 1e-6).all(), float((err / s).max())
@@ -64,7 +64,7 @@ def test_quantize_rtn_names_bad_arguments():
 def test_random_awq_linear_cpu_matches_dense():
     lin = w4a16.random_awq_linear(128, 64, group_size=64, bias=True, dtype=torch.float32)
     x = torch.randn(3, 128)
-    ref = w4a16.w4a16_linear_ref(x, lin.qweight, lin.qzeros, lin.scales, 64, lin.bias)
+    ref = w4a16.w4a16_linear_ref(x, lin.qweight, lin.zeros, lin.scales, 64, lin.bias)
     torch.testing.assert_close(lin(x), ref, rtol=1e-3, atol=1e-4)
 
 
@@ -126,15 +126,15 @@ def test_kernel_fragment_math_matches_reference(group):
     qweight, qzeros, s, q, z = _random_awq(K, N, group, seed=1)
     x = torch.randn(3, K).half()
     y = _emulate_kernel(x, repack(q, z, s, group))
-    ref = w4a16.w4a16_linear_ref(x.float(), qweight, qzeros, s, group)
+    ref = w4a16.w4a16_linear_ref(x.float(), qweight, z, s, group)
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_dispatch_is_the_reference():
-    qweight, qzeros, s, _, _ = _random_awq(128, 32, 64)
-    lin = Linear(qweight=qweight, qzeros=qzeros, scales=s, group_size=64)
+    qweight, _, s, _, z = _random_awq(128, 32, 64)
+    lin = Linear(qweight=qweight, zeros=z.half(), scales=s, group_size=64)
     x = torch.randn(2, 5, 128)
-    assert torch.equal(w4a16.w4a16_linear(x, lin), w4a16.w4a16_linear_ref(x, qweight, qzeros, s, 64))
+    assert torch.equal(w4a16.w4a16_linear(x, lin), w4a16.w4a16_linear_ref(x, qweight, z.half(), s, 64))
     assert lin.runtime is None                                           # nothing prepared on the CPU
 
 
