@@ -77,7 +77,6 @@ def random_awq_weights(cfg: ModelConfig, dtype: torch.dtype, device, seed: int =
     for name, (n_in, n_out) in shapes.items():
         if n_in % gs or n_out % 8:
             raise ValueError(f"{name}: in={n_in} must be a multiple of group size {gs}, out={n_out} of 8")
-    zero8 = -2004318072                                                        # 0x88888888 as int32
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         dense[p + "input_norm.weight"] = torch.ones(h, dtype=dtype, device=device)
@@ -85,8 +84,8 @@ def random_awq_weights(cfg: ModelConfig, dtype: torch.dtype, device, seed: int =
         for name, (n_in, n_out) in shapes.items():
             dense[p + name + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (n_in, n_out // 8), generator=g,
                                                          device=device, dtype=torch.int32)
-            dense[p + name + ".qzeros"] = torch.full((n_in // gs, n_out // 8), zero8, dtype=torch.int32,
-                                                     device=device)
+            dense[p + name + ".zeros"] = torch.full((n_in // gs, n_out), 8.0, dtype=torch.float16,
+                                                    device=device)
             dense[p + name + ".scales"] = torch.full((n_in // gs, n_out), 0.02 / 4.6, dtype=dtype, device=device)
     return dense
 

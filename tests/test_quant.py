@@ -28,7 +28,7 @@ def test_pack_unpack_round_trip_and_canonical_dequant():
     w = torch.randn(96, 128, generator=g)                                     # [out, in]
     q, s, z = quantize_rtn(w, 32)
     ours = dequantize(q, s, z)                                                 # [out, in]
-    canon = dequantize_awq(pack_awq(q.t()), pack_awq(z.t()), s.t(), 32).float().t()
+    canon = dequantize_awq(pack_awq(q.t()), z.t(), s.t(), 32).float().t()
     torch.testing.assert_close(canon, ours, rtol=1e-3, atol=1e-3)
     assert (ours - w).abs().max() <= s.float().max()                           # within one step everywhere
 
@@ -60,15 +60,17 @@ def layer0(demo_model_dir):
 
 
 def _dense(q: dict, fam, group_size: int) -> dict:
-    w = {k: v.float() for k, v in q.items() if not k.endswith(("qweight", "qzeros", "scales"))}
+    w = {k: v.float() for k, v in q.items() if not k.endswith(("qweight", "zeros", "scales"))}
     for lin in fam.linears:
-        w[lin + ".weight"] = dequantize_awq(q[lin + ".qweight"], q[lin + ".qzeros"], q[lin + ".scales"],
+        w[lin + ".weight"] = dequantize_awq(q[lin + ".qweight"], q[lin + ".zeros"], q[lin + ".scales"],
                                             group_size).float().t()
     return w
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_awq_lowers_layer_output_error_vs_rtn(layer0, group_size):
+    """At g32 the groups are the demo model's Q4_1 blocks, which fractional zeros hold almost exactly: RTN is
+    already near lossless there and AWQ (ratio 0 and no clipping on its grids) can only tie it."""
     ckpt, w, x, y, stats, sigmas = layer0
     errs = {}
     for method in ("rtn", "awq"):
@@ -76,7 +78,10 @@ def test_awq_lowers_layer_output_error_vs_rtn(layer0, group_size):
         with torch.inference_mode():
             yq = layer_forward(_dense(q, ckpt.family, group_size), ckpt.cfg, ckpt.family, x)
         errs[method] = ((yq - y).norm() / (y - x).norm()).item()
-    assert errs["awq"] < 0.9 * errs["rtn"], errs
+    if group_size == 32:
+        assert errs["awq"] <= errs["rtn"] < 0.01, errs
+    else:
+        assert errs["awq"] < 0.9 * errs["rtn"], errs
 
 
 def test_calibration_stats_kv_qparams_and_engine_static_kv(demo_model_dir, tmp_path):
@@ -151,6 +156,8 @@ def test_bad_quantization_input_gives_clear_errors(demo_model_dir, tmp_path):
     ({"quant_method": "awq", "bits": 8, "group_size": 64}, "bits must be 4"),
     ({"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemv"}, "version 'gemv' is not supported"),
     ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False}, "zero_point must be true"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": "bf16"},
+     r"zero_point must be true \(AutoAWQ: packed int4 qzeros\) or 'fp16' .*got 'bf16'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, r"group_size 128 does not divide .* fit this model: \[32, 64\]"),
     ({"quant_method": "awq", "bits": 4, "group_size": 100}, "group_size must be one of"),
 ])

@@ -4,9 +4,11 @@ real tritonserver."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from backend import LLM
 from backend.config import SamplingParams
+from backend.kernels.w4a16 import round_zeros
 from backend.model.config import ModelConfig
 
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The largest planet in the solar system is",
@@ -38,6 +40,10 @@ def test_awq_checkpoint_is_an_hf_awq_checkpoint(awq_dir):
         names = set(f.keys())
         assert "model.layers.0.self_attn.q_proj.qweight" in names
         assert "model.layers.0.self_attn.q_proj.weight" not in names
+        assert "model.layers.0.self_attn.q_proj.qzeros" not in names           # fp16 fractional zeros instead
+        zeros = f.get_tensor("model.layers.0.mlp.down_proj.zeros")
+        assert zeros.dtype == torch.float16 and tuple(zeros.shape) == (1536 // 32, 576)
+        assert torch.equal(zeros, round_zeros(zeros))                          # on the 1/16 grid, in 0..15
         assert tuple(f.get_slice("model.layers.0.mlp.down_proj.qweight").get_shape()) == (1536, 576 // 8)
         assert tuple(f.get_slice("model.layers.0.mlp.down_proj.scales").get_shape()) == (1536 // 32, 576)
 

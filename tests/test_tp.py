@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from backend.config import EngineConfig, SamplingParams
 from backend.engine.engine import LLMEngine
-from backend.kernels.w4a16 import quantize_rtn
+from backend.kernels.w4a16 import pack_awq, quantize_rtn
 from backend.model.config import ModelConfig
 from backend.model.tp import check_tp, shard_config, shard_weights
 from backend.model.weights import load_weights
@@ -58,21 +58,29 @@ def dense_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def awq_dir(tmp_path_factory, dense_dir):
-    """The engine layout of a W4A16 model (RTN int4, group 32) whose AWQ splits are aligned at tp=2."""
-    d = tmp_path_factory.mktemp("tp_awq")
-    src = tmp_path_factory.mktemp("tp_awq_src")
-    make_hf("llama", src, seed=1, intermediate_size=256)
+def _write_awq(d, src, zeros_format: str):
+    """The engine layout of a W4A16 model (RTN int4, group 32) whose AWQ splits are aligned at tp=2; zeros_format
+    "qzeros": integer zeros packed as AutoAWQ and workspaces written before fp16 zeros store them."""
     cfg = ModelConfig.load(src)
     w = load_weights(src, cfg)
     for name in [n for n in w if n.endswith(("qkv.weight", "o.weight", "gate_up.weight", "down.weight"))]:
-        qweight, qzeros, scales = quantize_rtn(w.pop(name), AWQ_GROUP)
+        qweight, zeros, scales = quantize_rtn(w.pop(name), AWQ_GROUP)
         base = name[:-len("weight")]
-        w.update({base + "qweight": qweight, base + "qzeros": qzeros, base + "scales": scales})
+        w.update({base + "qweight": qweight, base + "scales": scales})
+        if zeros_format == "qzeros":
+            w[base + "qzeros"] = pack_awq(zeros.round().to(torch.int32))
+        else:
+            w[base + "zeros"] = zeros
     save_file({k: v.contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
     dataclasses.replace(cfg, quant={"method": "awq", "bits": 4, "group_size": AWQ_GROUP}).save(d)
     return d
+
+
+@pytest.fixture(scope="module", params=["zeros", "qzeros"])
+def awq_dir(request, tmp_path_factory, dense_dir):
+    src = tmp_path_factory.mktemp("tp_awq_src")
+    make_hf("llama", src, seed=1, intermediate_size=256)
+    return _write_awq(tmp_path_factory.mktemp(f"tp_awq_{request.param}"), src, request.param)
 
 
 def _no_workers_left() -> bool:
@@ -94,12 +102,15 @@ def test_tp2_equals_tp1_tokens_and_logits_and_close_stops_workers(dense_dir):
 
 
 def test_awq_with_int8_kv_tp2_equals_tp1(awq_dir):
-    """W4A16 slices and a quantized KV cache (per-head scales: each rank quantizes its own heads, same codes)."""
+    """W4A16 slices and a quantized KV cache (per-head scales: each rank quantizes its own heads, same codes); fp16
+    zeros split like the scales, packed qzeros of older workspaces like qweight."""
     ref_tokens, ref_logits = _generate(_engine(awq_dir, 1, "int8"), max_tokens=6)
     engine = _engine(awq_dir, 2, "int8")
     try:
         assert engine.runner.model.layers[0].qkv.qweight.shape == (64, (32 + 16 + 16) // 8)   # [in, out/8]
         assert engine.runner.model.layers[0].down.scales.shape == (128 // AWQ_GROUP, 64)      # [in/g, out]
+        assert engine.runner.model.layers[0].down.zeros.shape == (128 // AWQ_GROUP, 64)       # [in/g, out]
+        assert engine.runner.model.layers[0].down.zeros.dtype == torch.float16
         tokens, logits = _generate(engine, max_tokens=6)
     finally:
         engine.close()

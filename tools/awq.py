@@ -4,8 +4,9 @@ Per decoder layer: the fp layer runs on a few calibration windows, collecting th
 group's input; for each scale group of the family table (tools/quant_family.py) AWQ searches per-channel scales
 from the calibration statistics' mean |x| and folds them into the preceding norm / linear; then a clipping search
 bounds each group's weight range; then int4 round-to-nearest. The output is an HF-style AWQ checkpoint
-(AutoAWQ "gemm" names and packing: qweight / qzeros / scales, config.json quantization_config) that
-backend.model.weights loads. The fp layer output (not the quantized one) feeds the next layer, as llm-awq does.
+(AutoAWQ "gemm" names and qweight packing, but fp16 fractional `zeros` instead of packed `qzeros`:
+config.json quantization_config zero_point "fp16"; backend/kernels/w4a16.py) that backend.model.weights loads.
+The fp layer output (not the quantized one) feeds the next layer, as llm-awq does.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from backend.kernels.w4a16 import SUPPORTED_GROUP_SIZES, pack_awq
+from backend.model.quant_config import ZERO_POINT_FP16
 
 from .awq_refine import gptq_quantize, refine_groups
 from .awq_search import dequantize, gram, quantize_rtn, search_clip, search_scale
@@ -101,7 +103,7 @@ def fold_scales(w: Dict[str, torch.Tensor], fam: QuantFamily, group_size: int, s
 
 def quantize_linear(weight: torch.Tensor, sigma: Optional[torch.Tensor], group_size: int, method: str,
                     clip_it: bool = True, n_grid: int = 20, gptq: Optional[dict] = None):
-    """One (scaled) linear [out, in] -> (codes uint8 [out, in], scales fp16 [out, ng], zeros uint8 [out, ng]).
+    """One (scaled) linear [out, in] -> (codes uint8 [out, in], scales fp16 [out, ng], zeros fp16 [out, ng]).
     gptq: keyword arguments of gptq_quantize (damp, act_order, joint) for awq_gptq."""
     if method == "awq_gptq":
         return gptq_quantize(weight, sigma, group_size, **_gptq_opts(gptq))
@@ -116,7 +118,7 @@ def quantize_linear(weight: torch.Tensor, sigma: Optional[torch.Tensor], group_s
 
 def _pack(out: Dict[str, torch.Tensor], lin: str, codes, scales, zeros) -> None:
     out[lin + ".qweight"] = pack_awq(codes.t().contiguous())          # [in, out / 8]
-    out[lin + ".qzeros"] = pack_awq(zeros.t().contiguous())           # [in / g, out / 8]
+    out[lin + ".zeros"] = zeros.t().contiguous()                      # [in / g, out] fp16
     out[lin + ".scales"] = scales.t().contiguous()                    # [in / g, out] fp16
 
 
@@ -148,12 +150,13 @@ def _write_checkpoint(ckpt: LayerwiseCheckpoint, out_dir: Path, tensors: Dict[st
         if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in (
                 "config.json", "model.safetensors.index.json", "quant_config.json"):
             shutil.copy2(f, out_dir / f.name)
-    qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-          "modules_to_not_convert": None}
+    qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": ZERO_POINT_FP16,
+          "version": "gemm", "modules_to_not_convert": None}
     hf = dict(ckpt.hf_config, quantization_config=qc)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
     (out_dir / "quant_config.json").write_text(json.dumps(
-        {"w_bit": 4, "q_group_size": group_size, "zero_point": True, "version": "GEMM", "lmtriton_method": method},
+        {"w_bit": 4, "q_group_size": group_size, "zero_point": ZERO_POINT_FP16, "version": "GEMM",
+         "lmtriton_method": method},
         indent=2))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "model.safetensors"),
               metadata={"format": "pt", "quantization": f"awq w4 g{group_size} ({method})"})

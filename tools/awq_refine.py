@@ -1,11 +1,11 @@
-"""A refinement of AWQ's integer-zero groups (method "awq_refine"): per (output channel, group), alternate
-  codes  q = clamp(round(w / s) + z, 0, 15)                    (given s, z)
+"""A refinement of AWQ's groups (method "awq_refine"): per (output channel, group), alternate
+  codes  q = clamp(round(w / s + z), 0, 15)                    (given s, z)
   scale  s = argmin_s (s (q - z) - w)^T B (s (q - z) - w)      (closed form, then rounded to fp16)
-  zero   z = clamp(round(z*), 0, 15), z* the continuous optimum (given q, s)
+  zero   z = round_zeros(z*), z* the continuous optimum        (given q, s; the checkpoint's 1/16 grid in 0..15)
 with B the group's diagonal block of the input moments Sigma (the activation-weighted output error of
 tools/awq_search.py restricted to the group), keeping per group whichever iterate had the smallest error.
 It starts from AWQ's clipped round-to-nearest (scale search and clip search unchanged), so it never does worse
-on that objective. The checkpoint format is unchanged (fp16 scales, integer zeros).
+on that objective. Same checkpoint format as AWQ's (fp16 scales, fp16 zeros on the 1/16 grid).
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from typing import Tuple
 
 import torch
 
-from .awq_search import QMAX4
+from backend.kernels.w4a16 import round_zeros
+
+from .awq_search import QMAX4, codes_for
 
 
 def _blocks(sigma: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -49,24 +51,25 @@ def refine_groups(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
         # zero given codes and scale: d(z) = s q - w - s z 1 -> z* = 1^T B (s q - w) / (s 1^T B 1)
         r = s[..., None] * q - wg
         zc = torch.einsum("ni,oni->on", bsum, r) / (s * bsum.sum(-1)).clamp_min(1e-30)
-        z = torch.round(zc).clamp(0, QMAX4)
+        z = round_zeros(zc).float()
         # codes given scale and zero
-        q = (torch.round(wg / s[..., None]) + z[..., None]).clamp(0, QMAX4)
+        q = codes_for(wg, s[..., None], z[..., None])
         err = _err(s[..., None] * (q - z[..., None]) - wg, b)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_q = torch.where(better[..., None], q, best_q)
         best_s = torch.where(better, s, best_s)
         best_z = torch.where(better, z, best_z)
-    return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.to(torch.uint8))
+    return (best_q.reshape(out_f, in_f).to(torch.uint8), best_s.half(), best_z.half())
 
 
 def _group_range(grp: torch.Tensor, b: torch.Tensor, shrinks, joint: bool = False
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(fp16-exact scale, integer zero) per row of grp [out, g]: min / max shrunk by the factor (on the grid)
-    whose round-to-nearest error under the group's moments b [g, g] is smallest. joint: every scale candidate
-    (the shrunk ranges / 15 and the lattice step of the group's distinct values, as a Q4_1 group has) is tried
-    with the integer zeros around its min-based one (-2 .. +2), and the best (scale, zero) pair is kept."""
+    """(fp16-exact scale, zero on the 1/16 grid) per row of grp [out, g]: min / max shrunk by the factor (on the
+    grid) whose round-to-nearest error under the group's moments b [g, g] is smallest. joint: every scale
+    candidate (the shrunk ranges / 15 and the lattice step of the group's distinct values, as a Q4_1 group has)
+    is tried with zeros around its min-based one (-1/2 .. +1/2 of a step by quarters: the min-based zero already
+    puts the minimum on code 0, so whole-step shifts would only clamp), and the best (scale, zero) pair is kept."""
     cands = []
     for f in shrinks:
         hi, lo = grp.amax(1) * f, grp.amin(1) * f
@@ -75,10 +78,9 @@ def _group_range(grp: torch.Tensor, b: torch.Tensor, shrinks, joint: bool = Fals
         cands.append((_lattice_step(grp), grp.amin(1)))
     best = None
     for s, lo in cands:
-        z0 = torch.round(-lo / s)
-        for dz in ((-2, -1, 0, 1, 2) if joint else (0,)):
-            z = (z0 + dz).clamp(0, QMAX4)
-            d = ((torch.round(grp / s[:, None]) + z[:, None]).clamp(0, QMAX4) - z[:, None]) * s[:, None] - grp
+        for dz in ((-0.5, -0.25, 0.0, 0.25, 0.5) if joint else (0.0,)):
+            z = round_zeros(-lo / s + dz).float()
+            d = (codes_for(grp, s[:, None], z[:, None]) - z[:, None]) * s[:, None] - grp
             err = ((d @ b) * d).sum(1)
             if best is None:
                 best = (err, s, z)
@@ -105,11 +107,11 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ in the same format: columns quantized in turn, each column's rounding error spread over the columns
     not yet quantized through the inverse Hessian (H = Sigma + damp * mean diag). Without act_order the columns
-    go left to right and each group's (fp16 scale, integer zero) comes from the group as updated when its first
+    go left to right and each group's (fp16 scale, fractional zero) comes from the group as updated when its first
     column comes up; with act_order they go by descending Hessian diagonal, and the groups ("static groups",
     still the checkpoint's consecutive columns) take their ranges from w before any update. Ranges: the best
     of `shrinks` (and with joint, the joint scale / zero search of _group_range) under the group's moments.
-    -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros uint8 [out, in // g])."""
+    -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros fp16 [out, in // g])."""
     out_f, in_f = w.shape
     w = w.float().clone()
     sigma = sigma.float()
@@ -143,10 +145,10 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
                 scales[:, gi], zeros[:, gi] = _group_range(grp, sigma[sl, sl], shrinks, joint)
             s, z = scales[:, gi], zeros[:, gi]
             x = wb[:, j]
-            q = (torch.round(x / s) + z).clamp(0, QMAX4)
+            q = codes_for(x, s, z)
             codes[:, col] = q
             e = (x - (q - z) * s) / hb[j, j]
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             err[:, j] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return codes.to(torch.uint8), scales.half(), zeros.to(torch.uint8)
+    return codes.to(torch.uint8), scales.half(), zeros.half()

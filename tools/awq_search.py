@@ -12,14 +12,15 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-QMAX4 = 15
+from backend.kernels.w4a16 import QMAX as QMAX4, round_zeros
 
 
 def quantize_rtn(w: torch.Tensor, group_size: int, clip: Optional[torch.Tensor] = None,
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (codes uint8 [out, in] in 0..15, scales fp16 [out, in // g], zeros uint8 [out, in // g]).
-    Asymmetric per group of `group_size` input channels; W ~= (codes - zeros) * scales. clip [out, in // g]
-    bounds |w| of each group before the range is taken (AWQ's clipping)."""
+    """w [out, in] -> (codes uint8 [out, in] in 0..15, scales fp16 [out, in // g], zeros fp16 [out, in // g]).
+    Asymmetric per group of `group_size` input channels; W ~= (codes - zeros) * scales, the zeros fractional on
+    the checkpoint's 1/16 grid (backend/kernels/w4a16.py round_zeros), so a group's minimum maps to code 0 within
+    1/32 of a step. clip [out, in // g] bounds |w| of each group before the range is taken (AWQ's clipping)."""
     out_f, in_f = w.shape
     if in_f % group_size:
         raise ValueError(f"group_size {group_size} does not divide in_features {in_f}")
@@ -29,9 +30,15 @@ def quantize_rtn(w: torch.Tensor, group_size: int, clip: Optional[torch.Tensor] 
     hi, lo = wg.amax(-1), wg.amin(-1)
     scales = ((hi - lo) / QMAX4).clamp_min(1e-5).half()                        # the checkpoint stores fp16
     s = scales.float()
-    zeros = torch.round(-lo / s).clamp(0, QMAX4)
-    codes = (torch.round(wg / s[..., None]) + zeros[..., None]).clamp(0, QMAX4)
-    return codes.reshape(out_f, in_f).to(torch.uint8), scales, zeros.to(torch.uint8)
+    zeros = round_zeros(-lo / s)
+    codes = codes_for(wg, s[..., None], zeros.float()[..., None])
+    return codes.reshape(out_f, in_f).to(torch.uint8), scales, zeros
+
+
+def codes_for(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The int4 codes (as float) of w under scale s and zero z (broadcast): round(w / s + z) in 0..15. Every
+    quantizer here rounds this way, so what the searches measure is what the checkpoint stores."""
+    return torch.round(w / s + z).clamp_(0, QMAX4)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -50,8 +57,8 @@ def fake_quant(w: torch.Tensor, group_size: int, clip: Optional[torch.Tensor] = 
         wg = torch.maximum(torch.minimum(wg, clip[..., None]), -clip[..., None])
     hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
     s = ((hi - lo) / QMAX4).clamp_min_(1e-5).half().float()
-    z = torch.round(-lo / s).clamp_(0, QMAX4)
-    return torch.round(wg / s).add_(z).clamp_(0, QMAX4).sub_(z).mul_(s).reshape(out_f, in_f)
+    z = round_zeros(-lo / s).float()
+    return codes_for(wg, s, z).sub_(z).mul_(s).reshape(out_f, in_f)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
