@@ -14,6 +14,7 @@ from backend.engine.sequence import Sequence
 from backend.model.rotation import fold_o_cols, fold_v_rows, hadamard, resolve_kv_rotation
 
 
+@torch.inference_mode()     # as the engine's own step: the CUDA graphs' static inputs are inference tensors
 def forced_logits(engine: LLMEngine, ids, n_prompt: int) -> torch.Tensor:
     """Teacher-forced float32 logits [len(ids) - n_prompt + 1, V]: the prompt in one prefill, then one decode step
     a token (through the runner's CUDA graphs when it has them), each reading K/V back from the cache."""
