@@ -146,6 +146,19 @@ def profile_one(spec: str) -> None:
     torch.cuda.synchronize()
 
 
+def profile_gemm(spec: str) -> None:
+    """K,N,M[,ntw,splitk]: run the split-K GEMM 20 times (for `ncu -k regex:w4a16_gemm`)."""
+    K, N, M, *rest = (int(v) for v in spec.split(","))
+    rt = w4a16.prepare(w4a16.random_awq_linear(K, N, 128, device="cuda"))
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    cfg = splitk_config(M, N, K, sm, *rest)
+    log.info("profiling %s", cfg)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    for _ in range(20):
+        gemm(x, rt, None, cfg)
+    torch.cuda.synchronize()
+
+
 def bench_gemv(bw, groups, tokens, sweep):
     rows, sweeps = [], []
     for K, N in SHAPES:
@@ -198,6 +211,10 @@ def bench_gemm(tokens, group=128):
                     for sk in (0, 2, 4, 8):
                         cfg = splitk_config(M, N, K, sm, ntw=ntw, splitk=sk)
                         paths[f"splitk_n{cfg.bn}_s{sk or 'auto'}"] = lambda lin, c=cfg: gemm(x, lin.runtime, None, c)
+                for minb, stages in ((3, 3), (2, 4), (3, 4)):     # occupancy and pipeline depth, automatic split
+                    cfg = splitk_config(M, N, K, sm, minb=minb, stages=stages)
+                    name = f"splitk_n{cfg.bn}_sauto_b{minb}_st{stages}"
+                    paths[name] = lambda lin, c=cfg: gemm(x, lin.runtime, None, c)
             paths["dequant_cublas"] = lambda lin: dequant_matmul(x, lin.runtime)
             if M <= 256:
                 paths["gemv"] = lambda lin: gemv(x, lin.runtime)
@@ -255,7 +272,8 @@ def markdown(res) -> str:
         out.append(f"| {r['K']}x{r['N']} | {r['M']} | " + " | ".join(cells) + f" | {r['fastest_w4a16']} |")
     splitk = [r for r in res["gemm"] if any(k.startswith("splitk_") for k in r)]
     if splitk:
-        out += ["", "Split-K tensor-core GEMM for few tokens (`splitk_n<channels per block>_s<K splits>`), TFLOP/s:", "",
+        out += ["", "Split-K tensor-core GEMM for few tokens (`splitk_n<channels per block>_s<K splits>`), TFLOP/s:",
+                "",
                 "| K x N | M | best split-K | TFLOP/s | ring GEMV | fp16 cuBLAS | all split-K variants |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in splitk:
@@ -277,12 +295,16 @@ def main(argv=None) -> int:
     p.add_argument("--gemm-only", action="store_true", help="skip the GEMV table")
     p.add_argument("--gemm-tokens", default="", help="token counts of the GEMM comparison (default: 1..4096)")
     p.add_argument("--profile", default="", help="K,N,M[,nt,ks,u]: run the decode GEMV for ncu and exit")
+    p.add_argument("--profile-gemm", default="", help="K,N,M[,ntw,splitk]: run the split-K GEMM for ncu and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
     if args.profile:
         profile_one(args.profile)
+        return 0
+    if args.profile_gemm:
+        profile_gemm(args.profile_gemm)
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bandwidth()                                  # warm the clocks up first

@@ -143,12 +143,18 @@ def prepare(linear) -> W4A16Runtime:
 DECODE_MAX_TOKENS = w4a16_decode.MAX_TOKENS
 GEMV_MAX_TOKENS = 64
 GEMM_MAX_TOKENS = 64
-# From SPLITK_MIN_TOKENS up to GEMV_MAX_TOKENS, on weights of at least SPLITK_MIN_WEIGHTS (K x N), the split-K
-# tensor-core GEMM replaces the ring GEMV: at 64 tokens on an H200 it ran 4096x11008 at 157 TFLOP/s and 11008x4096
-# at 162 (ring GEMV 119 / 135) but 4096x4096 at 108 (ring 114), and lost at 16-32 tokens except 4096x11008 at 32
-# (scripts/bench_kernels.py --quick --gemm-tokens 16,32,64,128; docs/benchmarks.md).
-SPLITK_MIN_TOKENS = int(os.environ.get("LMTRITON_W4A16_SPLITK_MIN", "64"))
+# The split-K tensor-core GEMM replaces the ring GEMV from 48 tokens up to GEMV_MAX_TOKENS, and from
+# SPLITK_MIN_TOKENS on weights of at least SPLITK_MIN_WEIGHTS (K x N). H200, 8 warps along N (128 channels a block),
+# automatic split, TFLOP/s on 4096x4096 / 4096x11008 / 11008x4096: 64 tokens 133 / 183 / 193 (ring GEMV 114 / 119 /
+# 131); 48 tokens 105 / 141 / 148 (ring 94 / 101 / 115); 32 tokens 91 / 135 / 139 (ring 94 / 92 / 116); at 16 the
+# ring GEMV wins (scripts/bench_kernels.py --quick --gemm-only --gemm-tokens 16,32,48,64; docs/benchmarks.md).
+SPLITK_MIN_TOKENS = int(os.environ.get("LMTRITON_W4A16_SPLITK_MIN", "32"))
 SPLITK_MIN_WEIGHTS = 32 * 2**20
+
+
+def _use_splitk(T: int, rt: W4A16Runtime) -> bool:
+    big = rt.in_features * rt.out_features >= SPLITK_MIN_WEIGHTS
+    return SPLITK_MIN_TOKENS <= T <= GEMV_MAX_TOKENS and (T >= 48 or big)
 
 
 def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
@@ -168,7 +174,7 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
         y = x2.new_empty(0, rt.out_features)
     elif T <= DECODE_MAX_TOKENS:
         y = w4a16_decode.gemv(x2, rt, b)
-    elif SPLITK_MIN_TOKENS <= T <= GEMV_MAX_TOKENS and rt.in_features * rt.out_features >= SPLITK_MIN_WEIGHTS:
+    elif _use_splitk(T, rt):
         sm_count = w4a16_gemv.device_limits(x2.device.index)[0]
         y = w4a16_gemm.gemm(x2, rt, b, w4a16_gemm.splitk_config(T, rt.out_features, rt.in_features, sm_count))
     elif T <= GEMV_MAX_TOKENS:

@@ -42,31 +42,62 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
     const int ntb0 = blockIdx.x * NTB, m0 = blockIdx.y * BM;
     const int c_begin = blockIdx.z * per_split, c_end = min(c_begin + per_split, nchunks);
 
+    // Each thread's copies of a stage, resolved once: sources at chunk 0 (a chunk adds a fixed stride) and
+    // shared-memory destinations; the loop then only adds offsets.
+#define W_IT ((W_U4 + 255) / 256)
+#define X_IT ((X_U4 + 255) / 256)
+#define M_IT ((S_U32 + Z_U32 + 255) / 256)
+    const uint4* wsrc[W_IT];
+    bool wok[W_IT];
+#pragma unroll
+    for (int i = 0; i < W_IT; ++i) {
+        const int v = tid + 256 * i, nt = ntb0 + v / 32;
+        wsrc[i] = qw + (size_t)min(nt, ntiles - 1) * nchunks * 32 + (v & 31);
+        wok[i] = v < W_U4 && nt < ntiles;
+    }
+    const u16* xsrc[X_IT];
+    u32 xdst[X_IT];
+    bool xok[X_IT];
+#pragma unroll
+    for (int i = 0; i < X_IT; ++i) {
+        const int v = tid + 256 * i, row = v >> 3, u = v & 7;
+        xok[i] = v < X_U4 && m0 + row < M;
+        xsrc[i] = x + (size_t)(xok[i] ? m0 + row : 0) * K + u * 8;
+        xdst[i] = (W_U4 + row * 8 + (u ^ ((row & 1) << 2))) * 16;
+    }
+    const u32* msrc[M_IT];
+    int mstep[M_IT], mhalf[M_IT];
+    bool mok[M_IT];
+#pragma unroll
+    for (int i = 0; i < M_IT; ++i) {
+        const int v = tid + 256 * i;
+        const bool is_s = v < S_U32;
+        const int e = is_s ? v : v - S_U32;
+        const int per = is_s ? 8 : 4;
+        const int jb = e / (NG_CHUNK * per), k = e % per;
+        const size_t nt = min(ntb0 + jb, ntiles - 1);
+        mhalf[i] = (e / per) % NG_CHUNK;
+        mstep[i] = per;
+        msrc[i] = is_s ? scales + nt * ngroups * 8 + k : zero_words + nt * ngroups * 4 + k;
+        mok[i] = v < S_U32 + Z_U32;
+    }
+
     auto load_stage = [&](int slot, int c) {
         const bool ok = c < c_end;
         const int cc = ok ? c : 0;
-        uint4* st = smem + slot * STAGE_U4;
-        for (int v = tid; v < W_U4; v += 256) {
-            const int nt = ntb0 + v / 32;
-            const uint4* src = qw + ((size_t)min(nt, ntiles - 1) * nchunks + cc) * 32 + (v & 31);
-            cp_async16_cg(smem_addr(st + v), src, ok && nt < ntiles);
-        }
-        for (int v = tid; v < X_U4; v += 256) {
-            const int row = v >> 3, u = v & 7;
-            const bool rok = ok && m0 + row < M;
-            const u16* src = x + (size_t)(rok ? m0 + row : 0) * K + cc * 64 + u * 8;
-            cp_async16_ca(smem_addr(st + W_U4 + row * 8 + (u ^ ((row & 1) << 2))), src, rok);
-        }
-        u32* meta = reinterpret_cast<u32*>(st + W_U4 + X_U4);
-        for (int v = tid; v < S_U32 + Z_U32; v += 256) {
-            const bool is_s = v < S_U32;
-            const int e = is_s ? v : v - S_U32;
-            const int per = is_s ? 8 : 4;
-            const int jb = e / (NG_CHUNK * per), q = (e / per) % NG_CHUNK, k = e % per;
-            const int nt = min(ntb0 + jb, ntiles - 1);
-            const size_t row = (size_t)nt * ngroups + (cc * 64 + q * 32) / GROUP_SIZE;
-            cp_async4(smem_addr(meta + v), is_s ? scales + row * 8 + k : zero_words + row * 4 + k, ok);
-        }
+        const u32 st = smem_addr(smem + slot * STAGE_U4);
+#pragma unroll
+        for (int i = 0; i < W_IT; ++i)
+            if (tid + 256 * i < W_U4) cp_async16_cg(st + (tid + 256 * i) * 16, wsrc[i] + cc * 32, ok && wok[i]);
+#pragma unroll
+        for (int i = 0; i < X_IT; ++i)
+            if (tid + 256 * i < X_U4) cp_async16_ca(st + xdst[i], xsrc[i] + cc * 64, ok && xok[i]);
+#pragma unroll
+        for (int i = 0; i < M_IT; ++i)
+            if (mok[i]) {
+                const int grp = (cc * 64 + mhalf[i] * 32) / GROUP_SIZE;
+                cp_async4(st + (W_U4 + X_U4) * 16 + (tid + 256 * i) * 4, msrc[i] + grp * mstep[i], ok);
+            }
     };
 
     float acc[NTW][MTW][4];
@@ -89,6 +120,15 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         uint4 w[NTW];
 #pragma unroll
         for (int j = 0; j < NTW; ++j) w[j] = st[(wn * NTW + j) * 32 + lane];
+        GroupParams gp[NTW][NG_CHUNK];                 // once a chunk, not once a half-chunk
+#pragma unroll
+        for (int j = 0; j < NTW; ++j)
+#pragma unroll
+            for (int q = 0; q < NG_CHUNK; ++q) {
+                const int jb = wn * NTW + j;
+                const u32 zw = meta[S_U32 + (jb * NG_CHUNK + q) * 4 + (g >> 1)];
+                gp[j][q] = group_params(meta[(jb * NG_CHUNK + q) * 8 + g], zw >> (16 * (g & 1)));
+            }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             uint4 b[MTW];
@@ -100,9 +140,7 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
             const int q = NG_CHUNK == 2 ? h : 0;
 #pragma unroll
             for (int j = 0; j < NTW; ++j) {
-                const int jb = wn * NTW + j;
-                const u32 zw = meta[S_U32 + (jb * NG_CHUNK + q) * 4 + (g >> 1)];
-                const GroupParams p = group_params(meta[(jb * NG_CHUNK + q) * 8 + g], zw >> (16 * (g & 1)));
+                const GroupParams& p = gp[j][q];
 #pragma unroll
                 for (int jj = 0; jj < 2; ++jj) {
                     u32 a[4];
@@ -208,12 +246,13 @@ def default_config(M: int) -> GemmConfig:
     return GemmConfig(bm=64, warps_m=4, ntw=1) if M <= 256 else GemmConfig(bm=128, warps_m=2, ntw=2)
 
 
-def splitk_config(M: int, N: int, K: int, sm_count: int, ntw: int = 1, splitk: int = 0) -> GemmConfig:
+def splitk_config(M: int, N: int, K: int, sm_count: int, ntw: int = 1, splitk: int = 0, minb: int = 2,
+                  stages: int = 3) -> GemmConfig:
     """Few tokens (<= 64): all 8 warps side by side along N (each dequantizes its weights once and multiplies
     them into every token tile), the k-chunks split over enough blocks to give each SM about two; `splitk` = 0
     picks that count."""
     bm = min(64, max(16, 1 << (M - 1).bit_length()))
-    cfg = GemmConfig(bm=bm, warps_m=1, ntw=ntw, stages=3, minb=2)
+    cfg = GemmConfig(bm=bm, warps_m=1, ntw=ntw, stages=stages, minb=minb)
     if not splitk:
         tiles = -(-N // cfg.bn) * -(-M // bm)
         splitk = max(1, min(K // 64 // 4, round(2 * sm_count / tiles)))
