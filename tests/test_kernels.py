@@ -131,6 +131,42 @@ def test_rotary_write_kv_equals_unfused(dtype, kv_dtype, hq, hk, d, per_token, l
     assert (ca != cb).float().mean().item() < 5e-3
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
+@pytest.mark.parametrize("hq,hk,d", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("had", [1, 2])
+def test_rotary_write_kv_hadamard_equals_matmul(dtype, kv_dtype, hq, hk, d, had):
+    """The in-kernel Walsh-Hadamard transform (KV rotation) against rotary, a matmul by the Hadamard matrix and the
+    KV write: the same product summed in another order, so q and the cache agree to one rounding, and codes to one
+    step where a head's min or max moved."""
+    from backend.model.rotation import hadamard, rotate
+    t, bs = 29, 16
+    qkv = torch.randn(t, (hq + 2 * hk) * d, dtype=dtype, device=DEV) * 2
+    q = qkv[:, :hq * d].view(t, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+    pos = torch.randint(0, 5000, (t,), dtype=torch.int32, device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d))
+    slots = torch.randperm(8 * bs, device=DEV)[:t].to(torch.int32)
+    fused, plain = _cache(kv_dtype, dtype, 8, bs, hk, d), _cache(kv_dtype, dtype, 8, bs, hk, d)
+    got = rotary_kv.rotary_write_kv(q, k, v, pos, inv, 0, fused.layer(0), slots, hadamard=had)
+    h = hadamard(d, dtype=dtype, device=DEV)
+    q_ref, k_ref = rotary.rotary(q, k, pos, inv, 0)
+    q_ref, k_ref = rotate(q_ref, h), rotate(k_ref, h)
+    v_ref = rotate(v, h) if had == 2 else v
+    kv_cache.write_kv(k_ref.contiguous(), v_ref.contiguous(), plain.layer(0), slots)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.float16 else dict(atol=8e-2, rtol=4e-2)
+    torch.testing.assert_close(got, q_ref, **tol)
+    if kv_dtype == "auto":
+        torch.testing.assert_close(fused.k, plain.k, **tol)
+        torch.testing.assert_close(fused.v, plain.v, **tol)
+        return
+    for a, b in ((fused.k, plain.k), (fused.v, plain.v)):
+        ca, cb = _codes(a, kv_dtype), _codes(b, kv_dtype)
+        assert (ca - cb).abs().max().item() <= 1
+        assert (ca != cb).float().mean().item() < 0.05
+
+
 def _codes(packed: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     if kv_dtype == "int4":
         packed = torch.stack([packed & 0xF, packed >> 4], -1)

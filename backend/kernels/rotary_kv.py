@@ -22,6 +22,9 @@ _SOURCE = _cupy.PRELUDE + r"""
 // q_out, [Hq, Hq + Hk) rotate a k head into the cache, [Hq + Hk, Hq + 2 Hk) copy a v head into the cache.
 // Lane l owns the rotary pairs (j, j + D/2) for j = l + 32 m, m < P = D / 64: 2P elements a lane, so a warp
 // reduction gives a head's min/max for quantization. int4 packs elements (2i, 2i+1): the neighbour lane's code.
+// HADAMARD 1: q and k heads are multiplied by the orthonormal Sylvester-Hadamard matrix after RoPE (KV rotation,
+// backend/model/rotation.py); 2: v heads too. x[i] holds element lane + 32 i, so the fast Walsh-Hadamard transform
+// takes 5 butterfly stages over the lanes (shuffles) and log2(2P) over the registers.
 #define P (HEAD_DIM / 64)
 #define HALF (HEAD_DIM / 2)
 #if KV_KIND == 1
@@ -68,6 +71,31 @@ extern "C" __global__ void rotary_write_kv(const u16* __restrict__ q, const u16*
             x[P + m] = LOADF(STOREF(o2));
         }
     }
+#if HADAMARD
+    if (!is_v || HADAMARD == 2) {
+#pragma unroll
+        for (int b = 1; b < 32; b <<= 1) {
+            const bool upper = lane & b;
+#pragma unroll
+            for (int i = 0; i < 2 * P; ++i) {
+                const float other = __shfl_xor_sync(0xffffffffu, x[i], b);
+                x[i] = upper ? other - x[i] : x[i] + other;
+            }
+        }
+#pragma unroll
+        for (int b = 1; b < 2 * P; b <<= 1)
+#pragma unroll
+            for (int i = 0; i < 2 * P; ++i)
+                if (!(i & b)) {
+                    const float lo = x[i], hi = x[i | b];
+                    x[i] = lo + hi;
+                    x[i | b] = lo - hi;
+                }
+        const float norm = rsqrtf((float)HEAD_DIM);
+#pragma unroll
+        for (int i = 0; i < 2 * P; ++i) x[i] = LOADF(STOREF(x[i] * norm));   // rounded as the matmul's output
+    }
+#endif
     if (is_q) {
         u16* dst = q_out + ((long long)t * hq + h) * HEAD_DIM;
 #pragma unroll
@@ -130,9 +158,15 @@ _WARPS = 4
 
 def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         inv_freq: torch.Tensor, logn_max_pos: int, layer: KVLayer,
-                        slot_mapping: torch.Tensor) -> torch.Tensor:
-    """q [T, Hq, D], k, v [T, Hk, D] -> rotated q (new tensor); rotated k and v written to the cache."""
+                        slot_mapping: torch.Tensor, hadamard: int = 0) -> torch.Tensor:
+    """q [T, Hq, D], k, v [T, Hk, D] -> rotated q (new tensor); rotated k and v written to the cache.
+    hadamard 1: q and k are then multiplied by the Sylvester-Hadamard matrix (KV rotation), 2: v as well."""
     q, k = rotary_ref(q, k, positions, inv_freq, logn_max_pos)
+    if hadamard:
+        from ..model.rotation import hadamard as hadamard_matrix, rotate
+        h = hadamard_matrix(q.shape[2], device=q.device)
+        q, k = rotate(q, h), rotate(k, h)
+        v = rotate(v, h) if hadamard == 2 else v
     write_kv_ref(k, v, layer, slot_mapping)
     return q
 
@@ -153,15 +187,19 @@ def _kernel_ok(q, k, v, positions, inv_freq, layer: KVLayer, slot_mapping) -> bo
 
 def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     inv_freq: torch.Tensor, logn_max_pos: int, layer: KVLayer,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, hadamard: int = 0) -> torch.Tensor:
+    """The fused kernel (the reference where it does not apply); `hadamard` as in rotary_write_kv_ref."""
+    if hadamard not in (0, 1, 2):
+        raise ValueError(f"hadamard must be 0 (off), 1 (q, k) or 2 (q, k, v), got {hadamard}")
     if not _kernel_ok(q, k, v, positions, inv_freq, layer, slot_mapping):
-        return rotary_write_kv_ref(q, k, v, positions, inv_freq, logn_max_pos, layer, slot_mapping)
+        return rotary_write_kv_ref(q, k, v, positions, inv_freq, logn_max_pos, layer, slot_mapping, hadamard)
     t, hq, d = q.shape
     hk = k.shape[1]
     q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
     if t == 0:
         return q_out
-    opts = _cupy.dtype_options(q.dtype) + (f"-DHEAD_DIM={d}", f"-DKV_KIND={_KV_KIND[layer.kv_dtype]}")
+    opts = _cupy.dtype_options(q.dtype) + (f"-DHEAD_DIM={d}", f"-DKV_KIND={_KV_KIND[layer.kv_dtype]}",
+                                           f"-DHADAMARD={hadamard}")
     kernel = _cupy.get_kernel(_SOURCE, "rotary_write_kv", opts)
     quant = layer.kv_dtype != "auto"
     inv_stride = d // 2 if inv_freq.dim() == 2 else 0

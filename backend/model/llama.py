@@ -99,9 +99,11 @@ class LlamaModel:
             k = k.view(t, cfg.num_kv_heads, cfg.head_dim)                            # [T, Hk, D]
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             cache = kv.layer(i)
-            if self.fuse_rope_kv and self.kv_qparams is None and self.rot is None:
-                # RoPE'd K and V go straight into the cache (the rotation and static KV need K in between)
-                q = rotary_write_kv(q, k, v, meta.positions, inv_freq, self.logn_max_pos, cache, meta.slot_mapping)
+            if self.fuse_rope_kv and self.kv_qparams is None:
+                # RoPE'd (and Hadamard-rotated) K and V go straight into the cache (static KV needs K in between)
+                rot = 0 if self.rot is None else 2 if layer.rotate_v else 1
+                q = rotary_write_kv(q, k, v, meta.positions, inv_freq, self.logn_max_pos, cache, meta.slot_mapping,
+                                    hadamard=rot)
             else:
                 q, k = rotary(q, k, meta.positions, inv_freq, self.logn_max_pos)
                 if self.rot is not None:    # one matmul for q, k (and v when not folded into the weights)
