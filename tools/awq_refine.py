@@ -102,8 +102,49 @@ def _lattice_step(grp: torch.Tensor) -> torch.Tensor:
     return s.clamp_min(1e-5).half().float()
 
 
+def refit_rows(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               sigma: torch.Tensor, group_size: int, chunk: int = 32
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Given the codes, every group's (scale, zero) of a row refitted together to the row's output error under
+    the full input moments sigma [in, in] (not only the group's diagonal block, so the groups' errors may cancel):
+    W_hat = a_g q - b_g on group g's columns is linear in (a, b), a least-squares problem of 2 x ng unknowns per
+    row; then s = fp16(a), z = round_zeros(b / s). A row keeps its old (scale, zero) where that rounded refit is
+    not better. -> (scales fp16, zeros fp16), [out, in // g] each."""
+    out_f, in_f = w.shape
+    ng, g = in_f // group_size, group_size
+    w, sigma = w.float(), sigma.float()
+    blk = sigma.reshape(ng, g, ng, g)                                              # [ng, g, ng, g]
+    sbb = blk.sum((1, 3))                                                          # [ng, ng]
+    srow = blk.sum(3)                                                              # [ng, g, ng]
+    v = (w @ sigma).reshape(out_f, ng, g)                                          # Sigma w, per row
+    q = codes.float().reshape(out_f, ng, g)
+
+    def err(s, z):
+        d = ((q - z[..., None]) * s[..., None]).reshape(out_f, in_f) - w
+        return ((d @ sigma) * d).sum(1)                                            # [out]
+
+    new_s, new_z = scales.float().clone(), zeros.float().clone()
+    for o0 in range(0, out_f, chunk):
+        qc = q[o0:o0 + chunk]                                                      # [c, ng, g]
+        saa = torch.einsum("ogi,gihj,ohj->ogh", qc, blk, qc)
+        sab = -torch.einsum("ogi,gih->ogh", qc, srow)
+        m = torch.cat([torch.cat([saa, sab], 2), torch.cat([sab.transpose(1, 2), sbb.expand_as(saa)], 2)], 1)
+        m = m + 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] * torch.eye(2 * ng)
+        r = torch.cat([(qc * v[o0:o0 + chunk]).sum(-1), -v[o0:o0 + chunk].sum(-1)], 1)   # [c, 2 ng]
+        x = torch.linalg.solve(m, r)
+        a, b = x[:, :ng], x[:, ng:]
+        ok = a > 1e-5
+        s_new = torch.where(ok, a, new_s[o0:o0 + chunk]).half().float()
+        new_s[o0:o0 + chunk] = s_new
+        new_z[o0:o0 + chunk] = torch.where(ok, round_zeros(b / s_new).float(), new_z[o0:o0 + chunk])
+    better = err(new_s, new_z) < err(scales.float(), zeros.float())
+    s_out = torch.where(better[:, None], new_s, scales.float())
+    z_out = torch.where(better[:, None], new_z, zeros.float())
+    return s_out.half(), z_out.half()
+
+
 def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128,
-                  shrinks=(1.0,), act_order: bool = False, joint: bool = False
+                  shrinks=(1.0,), act_order: bool = False, joint: bool = False, refit: bool = False
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ in the same format: columns quantized in turn, each column's rounding error spread over the columns
     not yet quantized through the inverse Hessian (H = Sigma + damp * mean diag). Without act_order the columns
@@ -111,8 +152,10 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
     column comes up; with act_order they go by descending Hessian diagonal, and the groups ("static groups",
     still the checkpoint's consecutive columns) take their ranges from w before any update. Ranges: the best
     of `shrinks` (and with joint, the joint scale / zero search of _group_range) under the group's moments.
+    refit: then each row's scales and zeros refitted to GPTQ's codes (refit_rows).
     -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros fp16 [out, in // g])."""
     out_f, in_f = w.shape
+    w0 = w
     w = w.float().clone()
     sigma = sigma.float()
     h = sigma.clone()
@@ -151,4 +194,7 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             err[:, j] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    return codes.to(torch.uint8), scales.half(), zeros.half()
+    scales, zeros = scales.half(), zeros.half()
+    if refit:
+        scales, zeros = refit_rows(w0, codes, scales, zeros, sigma, group_size)
+    return codes.to(torch.uint8), scales, zeros
