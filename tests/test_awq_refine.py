@@ -90,8 +90,10 @@ def test_gptq_refit_of_scales_and_zeros_never_raises_the_error():
     sigma = x.t() @ x / 2000
     for group in (32, 64):
         codes, scales, zeros = gptq_quantize(w, sigma, group)
-        c2, s2, z2 = gptq_quantize(w, sigma, group, refit=True)
+        c2, s2, z2 = gptq_quantize(w, sigma, group, refit=1)
         assert torch.equal(c2, codes) and (s2.dtype, z2.dtype) == (torch.float16, torch.float16) and _on_grid(z2)
         before = output_error(dequantize(codes, scales, zeros) - w, sigma)
         after = output_error(dequantize(c2, s2, z2) - w, sigma)
         assert after < 0.99 * before, (group, float(before), float(after))
+        two = output_error(dequantize(*gptq_quantize(w, sigma, group, refit=2)) - w, sigma)   # GPTQ again between
+        assert two <= after, (group, float(after), float(two))

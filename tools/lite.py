@@ -36,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="awq_gptq: per group, search the scale (range / 15 shrinks, lattice step) and zero jointly")
     a.add_argument("--gptq-scale-search", action="store_true",
                    help="awq_gptq: AWQ's scale ratios judged by GPTQ's error instead of round-to-nearest's (slower)")
-    a.add_argument("--gptq-refit", action="store_true",
-                   help="awq_gptq: then refit each row's scales and zeros to GPTQ's codes (full input moments)")
+    a.add_argument("--gptq-refit", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
+                   help="awq_gptq: then refit each row's scales and zeros to GPTQ's codes (full input moments); "
+                   "ROUNDS > 1 re-runs GPTQ with the refitted ranges between refits")
     a.add_argument("--true-sequential", action="store_true",
                    help="each linear on inputs from the already-quantized linears and layers before it (slower)")
     a.add_argument("--asym-target", action="store_true",
