@@ -79,3 +79,21 @@ def test_scale_search_judged_by_gptq_never_worse_than_ratio_zero():
     quant = lambda ws, sg: dequantize(*gptq_quantize(ws, sg, 32))       # noqa: E731
     s, ratio, rel = search_scale([w], sigma, x.abs().mean(0), 32, quant=quant, ratios=(0.0, 0.3, 0.6))
     assert s.shape == (128,) and ratio in (0.0, 0.3, 0.6) and rel <= 1.0
+
+
+def test_gptq_refit_of_scales_and_zeros_never_raises_the_error():
+    from tools.awq_refine import gptq_quantize
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 256, generator=g)
+    x = torch.randn(2000, 256, generator=g) * (3 * torch.rand(256, generator=g))
+    x[:, 1:] += 0.5 * x[:, :-1]
+    sigma = x.t() @ x / 2000
+    for group in (32, 64):
+        codes, scales, zeros = gptq_quantize(w, sigma, group)
+        c2, s2, z2 = gptq_quantize(w, sigma, group, refit=1)
+        assert torch.equal(c2, codes) and (s2.dtype, z2.dtype) == (torch.float16, torch.float16) and _on_grid(z2)
+        before = output_error(dequantize(codes, scales, zeros) - w, sigma)
+        after = output_error(dequantize(c2, s2, z2) - w, sigma)
+        assert after < 0.99 * before, (group, float(before), float(after))
+        two = output_error(dequantize(*gptq_quantize(w, sigma, group, refit=2)) - w, sigma)   # GPTQ again between
+        assert two <= after, (group, float(after), float(two))

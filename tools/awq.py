@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 METHODS = ("awq", "rtn", "awq_refine", "awq_gptq")
 # awq_gptq's defaults (tools/awq_refine.py gptq_quantize): 1% damping, left-to-right, shrink grid of the ranges
 GPTQ_DEFAULTS = {"damp": 0.01, "act_order": False, "joint": False, "shrinks": (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
-                 "scale_search": False}
+                 "scale_search": False, "refit": 0}
 GPTQ_RATIOS = (0.0, 0.2, 0.4, 0.6)     # AWQ ratios tried when GPTQ's own error judges them (scale_search)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from backend.kernels.w4a16 import round_zeros
 
-from .awq_search import QMAX4, codes_for
+from .awq_search import QMAX4, codes_for, dequantize
 
 
 def _blocks(sigma: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -102,8 +102,51 @@ def _lattice_step(grp: torch.Tensor) -> torch.Tensor:
     return s.clamp_min(1e-5).half().float()
 
 
+def _row_error(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               sigma: torch.Tensor) -> torch.Tensor:
+    d = dequantize(codes, scales, zeros) - w
+    return ((d @ sigma) * d).sum(1)                                                # [out]
+
+
+def refit_rows(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               sigma: torch.Tensor, group_size: int, chunk: int = 32
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Given the codes, every group's (scale, zero) of a row refitted together to the row's output error under
+    the full input moments sigma [in, in] (not only the group's diagonal block, so the groups' errors may cancel):
+    W_hat = a_g q - b_g on group g's columns is linear in (a, b), a least-squares problem of 2 x ng unknowns per
+    row; then s = fp16(a), z = round_zeros(b / s). A row keeps its old (scale, zero) where that rounded refit is
+    not better. -> (scales fp16, zeros fp16), [out, in // g] each."""
+    out_f, in_f = w.shape
+    ng, g = in_f // group_size, group_size
+    w, sigma = w.float(), sigma.float()
+    blk = sigma.reshape(ng, g, ng, g)                                              # [ng, g, ng, g]
+    sbb = blk.sum((1, 3))                                                          # [ng, ng]
+    srow = blk.sum(3)                                                              # [ng, g, ng]
+    v = (w @ sigma).reshape(out_f, ng, g)                                          # Sigma w, per row
+    q = codes.float().reshape(out_f, ng, g)
+
+    new_s, new_z = scales.float().clone(), zeros.float().clone()
+    for o0 in range(0, out_f, chunk):
+        qc = q[o0:o0 + chunk]                                                      # [c, ng, g]
+        saa = torch.einsum("ogi,gihj,ohj->ogh", qc, blk, qc)
+        sab = -torch.einsum("ogi,gih->ogh", qc, srow)
+        m = torch.cat([torch.cat([saa, sab], 2), torch.cat([sab.transpose(1, 2), sbb.expand_as(saa)], 2)], 1)
+        m = m + 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] * torch.eye(2 * ng)
+        r = torch.cat([(qc * v[o0:o0 + chunk]).sum(-1), -v[o0:o0 + chunk].sum(-1)], 1)   # [c, 2 ng]
+        x = torch.linalg.solve(m, r)
+        a, b = x[:, :ng], x[:, ng:]
+        ok = a > 1e-5
+        s_new = torch.where(ok, a, new_s[o0:o0 + chunk]).half().float()
+        new_s[o0:o0 + chunk] = s_new
+        new_z[o0:o0 + chunk] = torch.where(ok, round_zeros(b / s_new).float(), new_z[o0:o0 + chunk])
+    better = _row_error(w, codes, new_s, new_z, sigma) < _row_error(w, codes, scales, zeros, sigma)
+    s_out = torch.where(better[:, None], new_s, scales.float())
+    z_out = torch.where(better[:, None], new_z, zeros.float())
+    return s_out.half(), z_out.half()
+
+
 def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128,
-                  shrinks=(1.0,), act_order: bool = False, joint: bool = False
+                  shrinks=(1.0,), act_order: bool = False, joint: bool = False, refit: int = 0
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ in the same format: columns quantized in turn, each column's rounding error spread over the columns
     not yet quantized through the inverse Hessian (H = Sigma + damp * mean diag). Without act_order the columns
@@ -111,8 +154,11 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
     column comes up; with act_order they go by descending Hessian diagonal, and the groups ("static groups",
     still the checkpoint's consecutive columns) take their ranges from w before any update. Ranges: the best
     of `shrinks` (and with joint, the joint scale / zero search of _group_range) under the group's moments.
+    refit N: then N rounds of refit_rows (each row's scales and zeros refitted to the codes), the rounds after
+    the first re-running GPTQ's codes with the refitted ranges held fixed; each row keeps its best round.
     -> (codes uint8 [out, in], scales fp16 [out, in // g], zeros fp16 [out, in // g])."""
     out_f, in_f = w.shape
+    w0 = w.float()
     w = w.float().clone()
     sigma = sigma.float()
     h = sigma.clone()
@@ -131,24 +177,43 @@ def gptq_quantize(w: torch.Tensor, sigma: torch.Tensor, group_size: int, damp: f
         perm = torch.arange(in_f)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros(out_f, in_f)
-    for b0 in range(0, in_f, block):
-        b1 = min(b0 + block, in_f)
-        wb, err = w[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0)
-        hb = hinv[b0:b1, b0:b1]
-        for j in range(b1 - b0):
-            col = int(perm[b0 + j])
-            gi = col // group_size
-            if not act_order and col % group_size == 0:
-                grp = torch.cat([wb[:, j:], w[:, b1:]], 1)[:, :group_size]          # this group, as updated
-                sl = slice(col, col + group_size)
-                scales[:, gi], zeros[:, gi] = _group_range(grp, sigma[sl, sl], shrinks, joint)
-            s, z = scales[:, gi], zeros[:, gi]
-            x = wb[:, j]
-            q = codes_for(x, s, z)
-            codes[:, col] = q
-            e = (x - (q - z) * s) / hb[j, j]
-            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
-            err[:, j] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+
+    def gptq_codes(fixed: bool) -> torch.Tensor:
+        """One GPTQ pass over (a copy of) w; fills scales / zeros per group unless fixed (or act_order)."""
+        wp = w.clone()
+        codes = torch.zeros(out_f, in_f)
+        for b0 in range(0, in_f, block):
+            b1 = min(b0 + block, in_f)
+            wb, err = wp[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0)
+            hb = hinv[b0:b1, b0:b1]
+            for j in range(b1 - b0):
+                col = int(perm[b0 + j])
+                gi = col // group_size
+                if not (act_order or fixed) and col % group_size == 0:
+                    grp = torch.cat([wb[:, j:], wp[:, b1:]], 1)[:, :group_size]     # this group, as updated
+                    sl = slice(col, col + group_size)
+                    scales[:, gi], zeros[:, gi] = _group_range(grp, sigma[sl, sl], shrinks, joint)
+                s, z = scales[:, gi], zeros[:, gi]
+                x = wb[:, j]
+                q = codes_for(x, s, z)
+                codes[:, col] = q
+                e = (x - (q - z) * s) / hb[j, j]
+                wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
+                err[:, j] = e
+            wp[:, b1:] -= err @ hinv[b0:b1, b1:]
+        return codes
+
+    codes = gptq_codes(fixed=False)
+    best = (codes, scales.clone(), zeros.clone())
+    best_err = _row_error(w0, *best, sigma) if refit else None
+    for r in range(refit):
+        if r:
+            codes = gptq_codes(fixed=True)
+        s_new, z_new = refit_rows(w0, codes, scales, zeros, sigma, group_size)
+        scales, zeros = s_new.float(), z_new.float()
+        e = _row_error(w0, codes, scales, zeros, sigma)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = tuple(torch.where(better[:, None], n, o) for n, o in zip((codes, scales, zeros), best))
+    codes, scales, zeros = best
     return codes.to(torch.uint8), scales.half(), zeros.half()

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="awq_gptq: per group, search the scale (range / 15 shrinks, lattice step) and zero jointly")
     a.add_argument("--gptq-scale-search", action="store_true",
                    help="awq_gptq: AWQ's scale ratios judged by GPTQ's error instead of round-to-nearest's (slower)")
+    a.add_argument("--gptq-refit", type=int, nargs="?", const=1, default=0, metavar="ROUNDS",
+                   help="awq_gptq: then refit each row's scales and zeros to GPTQ's codes (full input moments); "
+                   "ROUNDS > 1 re-runs GPTQ with the refitted ranges between refits")
     a.add_argument("--true-sequential", action="store_true",
                    help="each linear on inputs from the already-quantized linears and layers before it (slower)")
     a.add_argument("--asym-target", action="store_true",
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
             out = quantize_model(_model_dir(args.model), args.work_dir, args.w_bits, args.w_group_size,
                                  calib if args.method != "rtn" else None, args.method, args.search_tokens,
                                  gptq={"damp": args.damp, "act_order": args.act_order, "joint": args.joint_range,
-                                       "scale_search": args.gptq_scale_search},
+                                       "scale_search": args.gptq_scale_search, "refit": args.gptq_refit},
                                  n_grid=args.n_grid, true_sequential=args.true_sequential,
                                  asym_target=args.asym_target)
         else:
