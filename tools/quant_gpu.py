@@ -117,7 +117,8 @@ def gpu_markdown(res: dict, command: str) -> str:
              f"with a KV cache of {res['sessions']} sessions x {res['session_len']} tokens; bs=1 decode of "
              f"{res['new_tokens']} tokens after a 128-token prompt. Command: `{command}`. Machine: "
              f"{res['device']}, torch {res['torch']}. Date: {res['date']}. Engine defaults otherwise (decode fast "
-             f"paths on; a rotated row cannot use the fused rotary + KV-write kernel: the rotation sits between).", "",
+             f"paths on; rotated rows transform q / k / v inside the fused rotary + KV-write kernel; the peak of a "
+             f"rotated row includes folding the rotation into fp16 weights at load).", "",
              "| configuration | KV bytes / token | weights read / step (MiB) | engine memory (MiB) | peak (MiB) | "
              "bs=1 decode tok/s | of the bandwidth limit |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
