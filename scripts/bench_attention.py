@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill cases")
     ap.add_argument("--mma-tiles", default="", help="also time the mma kernel's int8/int4 cases with these tiles "
                     "in flight per warp (comma-separated, e.g. 1,2,4; default: the kernel's choice only)")
+    ap.add_argument("--mma-tiles-kv", default="int8,int4", help="KV dtypes the --mma-tiles runs cover (auto,int8,int4)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bw = copy_bandwidth()
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     for tiles in [int(t) for t in args.mma_tiles.split(",") if t]:
         pa.MMA_TILES = tiles
         for shape in ((32, 32, 128), (32, 8, 128)):
-            for kv in ("int8", "int4"):
+            for kv in args.mma_tiles_kv.split(","):
                 res["decode"].append(dict(bench_decode(shape, kv, bw, impl="mma"), tiles=tiles))
         pa.MMA_TILES = 0
     if not args.quick and not args.no_prefill:
