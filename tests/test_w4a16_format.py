@@ -134,7 +134,8 @@ def test_autoawq_checkpoint_loads_and_converts_to_fp16_zeros(awq_dirs):
     pre = "model.layers.0.self_attn."                                        # the engine computes in float32
     want = torch.cat([w4a16.dequantize_awq(tensors[pre + p + "_proj.qweight"],
                                            w4a16.zeros_from_qzeros(tensors[pre + p + "_proj.qzeros"]),
-                                           tensors[pre + p + "_proj.scales"].float(), G) for p in "qkv"], 1)  # [in, out]
+                                           tensors[pre + p + "_proj.scales"].float(), G)
+                      for p in "qkv"], 1)                                    # [in, out]
     torch.testing.assert_close(lin.dense_weight(), want.t(), rtol=0, atol=0)
     tokens = _greedy(eng)
     # convert writes the engine workspace with fp16 zeros; it serves the same tokens

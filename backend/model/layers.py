@@ -12,7 +12,8 @@ from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 class Linear:
     """y = x @ W^T (+ b). Dense: weight [out, in]. AWQ: qweight/zeros/scales in the canonical format
-    (backend/kernels/w4a16.py; AutoAWQ's packed qzeros are converted on load), or only the kernels' runtime layout (rt_qweight/rt_zeros/rt_scales, fp16 scale pairs: w4a16_runtime.random_runtime)."""
+    (backend/kernels/w4a16.py; AutoAWQ's packed qzeros are converted on load), or only the kernels' runtime
+    layout (rt_qweight/rt_zeros/rt_scales, fp16 scale pairs: w4a16_runtime.random_runtime)."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                  qweight=None, zeros=None, scales=None, group_size: int = 0):
