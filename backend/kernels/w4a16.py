@@ -136,9 +136,9 @@ def prepare(linear) -> W4A16Runtime:
 
 
 # Token counts where each CUDA path wins, measured by scripts/bench_kernels.py on an H200 (docs/benchmarks.md):
-# the register-streaming decode GEMV up to 8 tokens (DECODE_MAX_TOKENS = 0 selects the ring GEMV there), the
-# ring GEMV up to 64 tokens on the Llama-7B shapes; from 128 on, dequantize + cuBLAS beats the mma.sync GEMM at
-# every M (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the GEMM's range (GEMV_MAX_TOKENS,
+# the register-streaming decode GEMV up to 8 tokens (DECODE_MAX_TOKENS = 0 selects the ring GEMV there), then the
+# ring GEMV or the split-K GEMM (below) up to 64 tokens; from 128 on, dequantize + cuBLAS beats the mma.sync GEMM
+# at every M (the GEMM peaks near 210 TFLOP/s, cuBLAS near 650), so the plain GEMM's range (GEMV_MAX_TOKENS,
 # GEMM_MAX_TOKENS] is empty here. It stays selectable for GPUs where it measures faster.
 DECODE_MAX_TOKENS = w4a16_decode.MAX_TOKENS
 GEMV_MAX_TOKENS = 64

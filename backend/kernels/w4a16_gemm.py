@@ -6,6 +6,10 @@ A block of 8 warps computes BN output channels x BM tokens; a 3-stage cp.async r
 bank conflicts, scales and zeros) into shared memory. Each warp owns NTW n-tiles x MTW token tiles: a weight
 word is dequantized once and multiplied into MTW mma's. Small tiles (NTW=1, 4 warps along tokens) give enough
 blocks for a few hundred tokens; big ones amortize the dequantization at large M.
+Split-K (`splitk_config`, the dispatch's path for 32-64 tokens): all 8 warps side by side along N so that each
+weight is dequantized once for every token, and blockIdx.z takes a range of k-chunks so that the grid still fills
+the SMs; the blocks add fp32 partial sums into a zeroed workspace with atomics and `w4a16_splitk_finish` adds the
+bias and casts.
 """
 from __future__ import annotations
 
