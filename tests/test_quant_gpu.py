@@ -18,7 +18,8 @@ def test_quant_gpu_rows_and_merge(tmp_path):
         by["fp16"]["kv_bytes_per_token"]
     assert by["W4A16"]["weight_bytes"] < by["fp16"]["weight_bytes"]
     doc = tmp_path / "doc.md"
-    doc.write_text(f"before\n{MARK_BEGIN}\nold\n{MARK_END}\nafter\n")
+    doc.write_text(f"before\n{MARK_BEGIN}\nthe previous table\n{MARK_END}\nafter\n")
     merge_into_doc(str(out), str(doc), "CMD")
     text = doc.read_text()
-    assert "old" not in text and "| W4A16 + KV int8 |" in text and "`CMD`" in text and text.endswith("after\n")
+    assert "the previous table" not in text and "| W4A16 + KV int8 |" in text and "`CMD`" in text
+    assert text.endswith("after\n")
