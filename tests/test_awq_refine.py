@@ -40,13 +40,19 @@ def test_gptq_spreads_rounding_error_over_correlated_inputs():
     assert output_error(dequantize(codes, scales, zeros) - w, sigma) < 0.8 * rtn
 
 
-def test_gptq_act_order_static_groups_joint_range_keep_the_format():
-    from tools.awq_refine import gptq_quantize
-    g = torch.Generator().manual_seed(2)
+def _correlated_layer(seed: int):
+    """A [64, 256] weight and the input moments of 2,000 tokens whose channels differ in scale and are correlated
+    with their neighbours (where GPTQ's error feedback and a refit have something to work with)."""
+    g = torch.Generator().manual_seed(seed)
     w = torch.randn(64, 256, generator=g)
     x = torch.randn(2000, 256, generator=g) * (3 * torch.rand(256, generator=g))
     x[:, 1:] += 0.5 * x[:, :-1]
-    sigma = x.t() @ x / 2000
+    return w, x.t() @ x / 2000
+
+
+def test_gptq_act_order_static_groups_joint_range_keep_the_format():
+    from tools.awq_refine import gptq_quantize
+    w, sigma = _correlated_layer(2)
     rtn = output_error(dequantize(*quantize_rtn(w, 32, search_clip(w, sigma, 32))) - w, sigma)
     for kw in ({"act_order": True}, {"joint": True}, {"act_order": True, "joint": True, "damp": 0.1}):
         codes, scales, zeros = gptq_quantize(w, sigma, 32, shrinks=(1.0, 0.9), **kw)
@@ -83,11 +89,7 @@ def test_scale_search_judged_by_gptq_never_worse_than_ratio_zero():
 
 def test_gptq_refit_of_scales_and_zeros_never_raises_the_error():
     from tools.awq_refine import gptq_quantize
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(64, 256, generator=g)
-    x = torch.randn(2000, 256, generator=g) * (3 * torch.rand(256, generator=g))
-    x[:, 1:] += 0.5 * x[:, :-1]
-    sigma = x.t() @ x / 2000
+    w, sigma = _correlated_layer(5)
     for group in (32, 64):
         codes, scales, zeros = gptq_quantize(w, sigma, group)
         c2, s2, z2 = gptq_quantize(w, sigma, group, refit=1)

@@ -14,6 +14,7 @@ import torch
 from . import _cupy
 from .kv_cache import KVLayer, write_kv_ref
 from .rotary import rotary_ref
+from ..model.rotation import hadamard as hadamard_matrix, rotate
 
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 
@@ -163,7 +164,6 @@ def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     hadamard 1: q and k are then multiplied by the Sylvester-Hadamard matrix (KV rotation), 2: v as well."""
     q, k = rotary_ref(q, k, positions, inv_freq, logn_max_pos)
     if hadamard:
-        from ..model.rotation import hadamard as hadamard_matrix, rotate
         h = hadamard_matrix(q.shape[2], device=q.device)
         q, k = rotate(q, h), rotate(k, h)
         v = rotate(v, h) if hadamard == 2 else v
