@@ -28,3 +28,14 @@ def test_splitk_config_fills_the_sms_and_covers_the_tokens(M, N, K):
     assert cfg.warps_m == 1 and 1 <= cfg.splitk <= K // 64 // 4
     blocks = -(-N // cfg.bn) * -(-M // cfg.bm) * cfg.splitk
     assert 132 <= blocks <= 4 * 132, blocks
+
+
+def test_rotary_write_kv_names_a_bad_hadamard_mode():
+    import torch
+    from backend.kernels.kv_cache import KVCache
+    from backend.kernels.rotary_kv import rotary_write_kv
+    q, k = torch.zeros(1, 4, 64), torch.zeros(1, 2, 64)
+    cache = KVCache(1, 2, 16, 2, 64, "auto", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="hadamard must be 0 .* got 3"):
+        rotary_write_kv(q, k, k, torch.zeros(1, dtype=torch.int32), torch.ones(32), 0, cache.layer(0),
+                        torch.zeros(1, dtype=torch.int32), hadamard=3)
