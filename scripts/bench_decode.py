@@ -20,6 +20,7 @@ from typing import List
 import torch
 
 from backend.config import SamplingParams
+from backend.kernels import _cupy
 from scripts.bench_attention import copy_bandwidth, time_ms
 from scripts.bench_common import add_model_args, build, default_tag
 
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "engine": mut.describe(), "copy_bw_GBps": bw / 1e9, "matmul_tflops": tflops,
            "weight_bytes_per_step": wbytes, "kv_bytes_per_token": eng.runner.kv_bytes_per_token,
-           "gpu_mem_allocated_GiB": torch.cuda.memory_allocated() / 2**30}
+           "gpu_mem_allocated_GiB": torch.cuda.memory_allocated() / 2**30,
+           "pdl": _cupy.pdl_enabled(torch.cuda.current_device())}
     if args.profile or args.profile_only:
         for b in args.profile_batch:
             res[f"profile_bs{b}"] = profile_step(eng, args.prompt, cfg.vocab_size, batch=b)

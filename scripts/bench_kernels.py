@@ -285,6 +285,30 @@ def markdown(res) -> str:
     return "\n".join(out) + "\n"
 
 
+def launch_cost(n: int = 3000) -> dict:
+    """Host microseconds per eager launch of a tiny kernel (RMSNorm of one 4096-wide token) through cupy's launcher
+    (PDL off) and through cuLaunchKernelEx with the PDL attribute (ctypes), n launches each, after a warm-up."""
+    from backend.kernels import _cupy
+    from backend.kernels.rms_norm import rms_norm
+    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+    w = torch.ones(4096, dtype=torch.float16, device="cuda")
+    res, mode = {}, _cupy.PDL_MODE
+    try:
+        for m in ("0", "1"):
+            _cupy.PDL_MODE = m
+            for _ in range(100):
+                rms_norm(x, w, 1e-5)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                rms_norm(x, w, 1e-5)
+            torch.cuda.synchronize()
+            res[f"pdl{m}_us_per_launch"] = (time.perf_counter() - t0) / n * 1e6
+    finally:
+        _cupy.PDL_MODE = mode
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "workspace/bench"), "w4a16_kernels.json"))
@@ -296,6 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--gemm-tokens", default="", help="token counts of the GEMM comparison (default: 1..4096)")
     p.add_argument("--profile", default="", help="K,N,M[,nt,ks,u]: run the decode GEMV for ncu and exit")
     p.add_argument("--profile-gemm", default="", help="K,N,M[,ntw,splitk]: run the split-K GEMM for ncu and exit")
+    p.add_argument("--launch-cost", action="store_true", help="host time of an eager launch, PDL off / on, and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not torch.cuda.is_available():
@@ -305,6 +330,9 @@ def main(argv=None) -> int:
         return 0
     if args.profile_gemm:
         profile_gemm(args.profile_gemm)
+        return 0
+    if args.launch_cost:
+        print(json.dumps(launch_cost()))
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bandwidth()                                  # warm the clocks up first

@@ -6,11 +6,22 @@ tensor whose strides the kernel takes as arguments). Scalars must be numpy scala
 (NVRTC finds none without a CUDA toolkit): a source that starts with `PRELUDE` gets fp16/bf16 conversions
 through PTX.
 Works with cupy 13 (numpy 1.x) and cupy 14 (numpy 2.x).
+
+Programmatic dependent launch (PDL, sm_90+): `launch` passes the PROGRAMMATIC_STREAM_SERIALIZATION attribute
+through the driver's cuLaunchKernelEx (cupy has no launch attributes), so a kernel's blocks are scheduled while
+the previous kernel of the stream drains; CUDA graphs capture the attribute as a programmatic edge. Every kernel
+therefore starts with PDL_BEGIN() (wait for the previous grid's results, then let the next grid launch); only
+reads of static data (weights) may come before it, never a write. `LMTRITON_PDL`: auto (where supported: sm_90+)
+| 1 (an error where unsupported) | 0 (cupy's own launch). The ctypes launch costs the same host time as cupy's
+(docs/benchmarks.md), so eager steps use it too.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import os
+import threading
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -23,8 +34,21 @@ try:  # the CPU build and CI have no cupy; every op then uses its pure-torch ref
 except Exception:  # pragma: no cover - depends on the machine
     cupy = None
 
+# griddepcontrol.wait returns at once in a kernel launched without the attribute, so every launch path is safe.
+PDL_MACROS = r"""
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_TRIGGER()
+#endif
+// the previous grid's writes are visible after the wait; the next grid may launch (and wait) from the trigger on
+#define PDL_BEGIN() do { PDL_WAIT(); PDL_TRIGGER(); } while (0)
+"""
+
 # Compiled with -DIS_BF16=0|1: `scalar` is the activation type's bits, LOAD/STORE convert to and from float.
-PRELUDE = r"""
+PRELUDE = PDL_MACROS + r"""
 typedef unsigned short u16;
 typedef unsigned char u8;
 __device__ __forceinline__ float h2f(u16 x) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
@@ -100,11 +124,6 @@ def _external_stream(handle: int, device: int):
     return cupy.cuda.ExternalStream(handle, device)     # cupy 13
 
 
-def current_stream():
-    s = torch.cuda.current_stream()
-    return _external_stream(s.cuda_stream, s.device.index)
-
-
 class ptr:
     """A tensor passed by address without the contiguity check (the kernel takes its strides as arguments)."""
 
@@ -127,9 +146,95 @@ def _arg(a):
     return a
 
 
+class _LaunchAttr(ctypes.Structure):          # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):        # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    return lib
+
+
+PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")
+_PDL_MODES = ("auto", "0", "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: int) -> bool:
+    """griddepcontrol needs compute capability 9.0+, cuLaunchKernelEx a CUDA 12 driver."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        _driver()
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def pdl_enabled(device: int) -> bool:
+    """Whether launches on `device` use PDL: PDL_MODE auto or 1 where supported (1 where unsupported: an error)."""
+    if PDL_MODE not in _PDL_MODES:
+        raise ValueError(f"LMTRITON_PDL must be one of {', '.join(_PDL_MODES)}, got {PDL_MODE!r}")
+    if PDL_MODE == "0":
+        return False
+    ok = _pdl_supported(device)
+    if PDL_MODE == "1" and not ok:
+        raise RuntimeError("LMTRITON_PDL=1 needs a compute capability 9.0+ GPU and a CUDA 12 driver")
+    return ok
+
+
+class _PdlLauncher(threading.local):
+    """Per thread: one argument buffer of 8-byte slots with its pointer array, and one launch config (the driver
+    copies both at launch, so they are reused)."""
+
+    MAX_ARGS = 32
+
+    def __init__(self):
+        self.buf = ctypes.create_string_buffer(8 * self.MAX_ARGS)
+        base = ctypes.addressof(self.buf)
+        self.params = (ctypes.c_void_p * self.MAX_ARGS)(*range(base, base + 8 * self.MAX_ARGS, 8))
+        self.attr = _LaunchAttr(id=_ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self.attr.value[0] = 1
+        self.cfg = _LaunchConfig(attrs=ctypes.pointer(self.attr), num_attrs=1)
+
+    def __call__(self, kernel, grid, block, args, shared_mem: int, stream_handle: int) -> None:
+        assert len(args) <= self.MAX_ARGS, f"{len(args)} kernel arguments, at most {self.MAX_ARGS}"
+        data = b"".join([a.tobytes().ljust(8, b"\0") for a in args])   # every argument type is 4 or 8 bytes
+        ctypes.memmove(self.buf, data, len(data))
+        cfg = self.cfg
+        cfg.grid[0], cfg.grid[1], cfg.grid[2] = grid
+        cfg.block[0], cfg.block[1], cfg.block[2] = block
+        cfg.shared_mem, cfg.stream = shared_mem, stream_handle
+        err = _driver().cuLaunchKernelEx(ctypes.byref(cfg), kernel.kernel.ptr, self.params, None)   # the CUfunction
+        if err:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err} (grid {grid}, block {block}, "
+                               f"{shared_mem} bytes of shared memory)")
+
+
+_launch_pdl = _PdlLauncher()
+
+
 def launch(kernel, grid, block, args, shared_mem: int = 0) -> None:
-    """Launch on torch's current stream (so it is captured by torch.cuda.graph like any torch op)."""
-    stream = current_stream()
-    with stream:
-        kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), tuple(_arg(a) for a in args),
-               shared_mem=shared_mem)
+    """Launch on torch's current stream (so it is captured by torch.cuda.graph like any torch op), with PDL where
+    the GPU has it."""
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    block = tuple(int(b) for b in block) + (1,) * (3 - len(block))
+    args = tuple(_arg(a) for a in args)
+    s = torch.cuda.current_stream()
+    if pdl_enabled(s.device.index):
+        _launch_pdl(kernel, grid, block, args, shared_mem, s.cuda_stream)
+        return
+    with _external_stream(s.cuda_stream, s.device.index):
+        kernel(grid, block, args, shared_mem=shared_mem)

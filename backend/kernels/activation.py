@@ -10,6 +10,7 @@ from . import _cupy
 _SOURCE = _cupy.PRELUDE + r"""
 // x: [T, 2I] = [gate | up], out: [T, I]; one thread per 8 outputs (16-byte loads and stores).
 extern "C" __global__ void silu_and_mul(const u16* __restrict__ x, u16* __restrict__ out, int inter, long long n8) {
+    PDL_BEGIN();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n8) return;
     long long per_row = inter / 8;

@@ -31,6 +31,7 @@ extern "C" __global__ void write_kv(const u16* __restrict__ k, const u16* __rest
                                     long long v_stride, const int* __restrict__ slots, void* __restrict__ k_cache,
                                     void* __restrict__ v_cache, float* __restrict__ k_qp, float* __restrict__ v_qp,
                                     int num_kv_heads, int block_size) {
+    PDL_BEGIN();
     const int t = blockIdx.x / num_kv_heads, h = blockIdx.x - t * num_kv_heads;
     const int slot = slots[t];
     if (slot < 0) return;

@@ -73,6 +73,7 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
              int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
              float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
              int bs_shift, int partition, float qk_scale) {
+    PDL_BEGIN();
     const int b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = blockIdx.x * REP;
     const int kvh = h0 / (num_heads / num_kv_heads);
@@ -227,6 +228,7 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
 extern "C" __global__ void reduce_splits(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                          const int* __restrict__ context_lens, u16* __restrict__ out,
                                          int num_heads, int nsplit, int partition) {
+    PDL_BEGIN();
     const long long head = blockIdx.x;
     const int b = blockIdx.x / num_heads, d = threadIdx.x;
     const int n = min(nsplit, (context_lens[b] + partition - 1) / partition);

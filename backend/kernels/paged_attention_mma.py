@@ -276,6 +276,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
                  int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
                  float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
                  int bs_shift, int partition, float qk_scale) {
+    PDL_BEGIN();
     const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = kvh * REP;
     const int ctx = context_lens[b];

@@ -16,6 +16,7 @@ _SOURCE = _cupy.PRELUDE + r"""
 extern "C" __global__ void rms_norm(const u16* __restrict__ x, const u16* __restrict__ res,
                                     const u16* __restrict__ w, u16* __restrict__ out, u16* __restrict__ res_out,
                                     int hidden, float eps, int has_res) {
+    PDL_BEGIN();
     __shared__ float partial[32];
     const long long base = (long long)blockIdx.x * hidden;
     const int nvec = hidden / 8;

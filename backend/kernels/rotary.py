@@ -22,6 +22,7 @@ extern "C" __global__ void rotary(const u16* __restrict__ q, const u16* __restri
                                   const float* __restrict__ inv_freq, int inv_stride, u16* __restrict__ q_out,
                                   u16* __restrict__ k_out, int hq, int hk, int head_dim, int logn_max_pos,
                                   int heads_per_block) {
+    PDL_BEGIN();
     const int t = blockIdx.x, half = head_dim / 2, j = threadIdx.x;
     if (j >= half) return;
     const float pos = (float)positions[t];

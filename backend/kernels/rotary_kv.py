@@ -41,6 +41,7 @@ extern "C" __global__ void rotary_write_kv(const u16* __restrict__ q, const u16*
                                            void* __restrict__ k_cache, void* __restrict__ v_cache,
                                            float* __restrict__ k_qp, float* __restrict__ v_qp, int hq, int hk,
                                            int block_size, int logn_max_pos) {
+    PDL_BEGIN();
     const int t = blockIdx.x, lane = threadIdx.x & 31;
     const int job = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (job >= hq + 2 * hk) return;

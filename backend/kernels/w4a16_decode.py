@@ -104,7 +104,8 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
             }
         }
     };
-    load_batch(c0);
+    load_batch(c0);     // weights, scales, zeros: static, so in flight before the previous kernel's results are in
+    PDL_BEGIN();
 
     for (int c = c0; c < c_end; c += U) {
         uint4 w[U][NT], xv[U][2];

@@ -38,6 +38,7 @@ extern "C" __global__ void __launch_bounds__(256, MINB)
 w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
            const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
            float* __restrict__ ws, int per_split) {
+    PDL_BEGIN();
     extern __shared__ uint4 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -188,6 +189,7 @@ _FINISH = DEVICE_HELPERS + r"""
 // Split-K epilogue: y = ws (+ bias), in the activation dtype. One thread per output. -D: IS_BF16
 extern "C" __global__ void w4a16_splitk_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
                                                u16* __restrict__ y, int M, int N) {
+    PDL_BEGIN();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)M * N) return;
     y[i] = float_to_act(ws[i] + (bias ? act_to_float(bias[i % N]) : 0.f));
@@ -198,6 +200,7 @@ _DEQUANT = DEVICE_HELPERS + r"""
 // One thread per (n-tile, k-chunk, lane): 32 weights -> four 16-byte rows of W^T [N, K]. -D: IS_BF16, GROUP_SIZE
 extern "C" __global__ void w4a16_dequant(const uint4* __restrict__ qw, const u32* __restrict__ scales,
                                          const u16* __restrict__ zeros, u16* __restrict__ wt, int N, int K) {
+    PDL_BEGIN();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE;
     if (i >= (long long)(N >> 4) * nchunks * 32) return;

@@ -31,6 +31,7 @@ _SOURCE = DEVICE_HELPERS + r"""
 extern "C" __global__ void __launch_bounds__(KS * 32)
 w4a16_gemv(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
            const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K) {
+    PDL_BEGIN();
     extern __shared__ uint4 smem[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;

@@ -138,7 +138,7 @@ def kernel_with_shared(source: str, name: str, options: Tuple[str, ...], nbytes:
 
 
 # Device helpers shared by the GEMV, GEMM and dequantize kernels. Compiled with -DIS_BF16=0|1 and -DGROUP_SIZE=<group>.
-DEVICE_HELPERS = r"""
+DEVICE_HELPERS = _cupy.PDL_MACROS + r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
