@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from backend.kernels import w4a16
+from backend.kernels import _cupy, w4a16
 from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm, splitk_config
 from backend.kernels import w4a16_decode
 from backend.kernels.w4a16_decode import DecodeConfig
@@ -123,7 +123,7 @@ def over(pool, call):
 
 def sweep_configs():
     """Block configurations of the decode GEMV (w4a16_decode.DecodeConfig)."""
-    return [DecodeConfig(nt=1, ks=ks, u=u, l2pf=pf) for ks in (4, 8, 16) for u in (2, 4) for pf in (False, True)]
+    return [DecodeConfig(nt=1, ks=ks, u=u, il=il) for ks in (4, 8, 16) for u in (1, 2, 4) for il in (False, True)]
 
 
 def copy_pool(nbytes: int):
@@ -188,8 +188,10 @@ def bench_gemv(bw, groups, tokens, sweep):
                     for cfg in sweep_configs():
                         ms_c = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, cfg)),
                                         len(pool))
+                        regs = _cupy.get_kernel(w4a16_decode._SOURCE, "w4a16_decode", cfg.options(
+                            torch.float16, group) + (pool[0].runtime.zero_option,)).num_regs
                         sweeps.append(dict(K=K, N=N, M=M, group=group, config=cfg.__dict__, us=ms_c * 1e3,
-                                           frac_copy_bw=total / (ms_c / 1e3) / bw))
+                                           frac_copy_bw=total / (ms_c / 1e3) / bw, regs=regs))
                         log.info("sweep %s", sweeps[-1])
             del pool, pool_int
     return rows, sweeps
@@ -251,8 +253,9 @@ def markdown(res) -> str:
                    f"{r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
     if res.get("gemv_sweep"):
         out += ["", "Decode GEMV block configurations (fp16): the best of the sweep per shape, group and M.", "",
-                "| K x N | group | M | best (nt, ks, u, l2pf) | us | % copy BW | configs tried |",
-                "| --- | --- | --- | --- | --- | --- |"]
+                "| K x N | group | M | best (nt, ks, u, il) | us | % copy BW | registers | default us | configs tried |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        default_us = {(r["K"], r["N"], r["group"], r["M"]): r["us"] for r in res["gemv"]}
         keys = sorted({(r["K"], r["N"], r.get("group", 128), r["M"]) for r in res["gemv_sweep"]})
         for K, N, G, M in keys:
             rs = [r for r in res["gemv_sweep"]
@@ -260,8 +263,9 @@ def markdown(res) -> str:
             if rs:
                 b = min(rs, key=lambda r: r["us"])
                 c = b["config"]
-                out.append(f"| {K}x{N} | {G} | {M} | ({c['nt']}, {c['ks']}, {c['u']}, {int(c.get('l2pf', 0))}) | "
-                           f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {len(rs)} |")
+                out.append(f"| {K}x{N} | {G} | {M} | ({c['nt']}, {c['ks']}, {c['u']}, {int(c.get('il', 0))}) | "
+                           f"{b['us']:.1f} | {100 * b['frac_copy_bw']:.0f}% | {b.get('regs', '-')} | "
+                           f"{default_us.get((K, N, G, M), float('nan')):.1f} | {len(rs)} |")
     out += ["", "GEMM paths (group 128, fp16), TFLOP/s; `w4a16_linear` dispatches to the fastest W4A16 path per M.",
             "GEMM columns name the block tile (tokens x channels).", "",
             "| K x N | M | GEMV | " + " | ".join(n.replace("gemm_", "GEMM ") for n in GEMM_VARIANTS)
@@ -288,7 +292,6 @@ def markdown(res) -> str:
 def launch_cost(n: int = 3000) -> dict:
     """Host microseconds per eager launch of a tiny kernel (RMSNorm of one 4096-wide token) through cupy's launcher
     (PDL off) and through cuLaunchKernelEx with the PDL attribute (ctypes), n launches each, after a warm-up."""
-    from backend.kernels import _cupy
     from backend.kernels.rms_norm import rms_norm
     x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
     w = torch.ones(4096, dtype=torch.float16, device="cuda")

@@ -222,17 +222,18 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
-@pytest.mark.parametrize("cfg", [(1, 1, 1), (1, 2, 2), (2, 4, 4), (1, 16, 4), (4, 8, 1), (2, 16, 2), (1, 3, 8)])
+@pytest.mark.parametrize("cfg", [(1, 1, 1, 0), (1, 2, 2, 0), (2, 4, 4, 0), (1, 16, 4, 0), (4, 8, 1, 0), (2, 16, 2, 0),
+                                 (1, 3, 8, 0), (1, 8, 2, 1), (1, 4, 1, 1), (2, 4, 4, 1), (1, 3, 8, 1), (1, 16, 1, 1)])
 def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac):
     # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
     from backend.kernels.w4a16_decode import DecodeConfig, gemv
-    nt, ks, u = cfg
+    nt, ks, u, il = cfg
     lin = gpu_linears(1280 if group == 128 else 1216, 1728, group, frac)
     rt = w4a16.prepare(lin)
     for M in (1, 3, 8):
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
-            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u)), _ref(x, lin), dtype)
+            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u, il=bool(il))), _ref(x, lin), dtype)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,12 @@ leaner data path and less arithmetic per weight, because at 1-8 tokens the kerne
   fp32 partial sum once per group (4 FMAs a lane), not to every weight: 3 instructions a packed word fewer,
   and no fp16 rounding of the dequantized weight (the reference rounds it: differences are within that rounding).
 A block owns NT n-tiles of 16 output channels; its KS warps split the k-chunks of 64 into contiguous ranges that
-start on a group boundary, and meet in shared memory at the end.
+start on a group boundary (or, IL, take interleaved batches so that the block reads KS * U adjacent chunks a
+step: faster for long K), and meet in shared memory at the end. With PDL (_cupy) the first batch of weights is
+loaded before the kernel waits for the previous one.
+A per-lane cp.async shared-memory ring (more bytes in flight, no registers held) measured no faster (H200,
+2026-11-22: 11008x4096 12.1-25 us against 11.7), and neither did an L2 prefetch of the warp's next chunks before
+the PDL wait (W4A16 bs=1 end to end 432 -> 413 tok/s): not kept.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ MAX_TOKENS = 8   # one 8-token mma tile
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
-// L2PF (weight loads ask L2 for 256-byte fetches)
+// L2PF (weight loads ask L2 for 256-byte fetches), IL (warps take interleaved batches, not contiguous ranges)
 #define HALVES_PER_GROUP ((GROUP_SIZE) / 32)     // a lane's k-range of one chunk is two halves of 32
 #define GPB ((2 * U + HALVES_PER_GROUP - 1) / HALVES_PER_GROUP)   // groups a batch of U chunks touches
 
@@ -63,7 +68,11 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
     const int nt0 = blockIdx.x * NT;
-    const int c0 = warp * per_warp, c_end = min(c0 + per_warp, nchunks);   // per_warp: whole groups
+#if IL   // interleaved: batch i of warp w is chunks (w + i * KS) * U.., so the block reads KS * U adjacent chunks a step
+    const int c0 = warp * U, c_end = nchunks, cstep = KS * U;
+#else      // contiguous: warp w owns chunks [w * per_warp, (w + 1) * per_warp) (per_warp: whole groups)
+    const int c0 = warp * per_warp, c_end = min(c0 + per_warp, nchunks), cstep = U;
+#endif
     const bool has_row = g < M;                          // B column g is token g
     const u16* xrow = x + (size_t)(has_row ? g : 0) * K + 8 * t;
 
@@ -107,7 +116,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
     load_batch(c0);     // weights, scales, zeros: static, so in flight before the previous kernel's results are in
     PDL_BEGIN();
 
-    for (int c = c0; c < c_end; c += U) {
+    for (int c = c0; c < c_end; c += cstep) {
         uint4 w[U][NT], xv[U][2];
         u32 zcur[NT][GPB], scur[NT][GPB];
 #pragma unroll
@@ -117,7 +126,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
 #pragma unroll
             for (int gi = 0; gi < GPB; ++gi) { zcur[j][gi] = znext[j][gi]; scur[j][gi] = snext[j][gi]; }
         }
-        if (c + U < c_end) load_batch(c + U);
+        if (c + cstep < c_end) load_batch(c + cstep);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const bool ok = c + u < c_end && has_row;
@@ -188,10 +197,11 @@ class DecodeConfig:
     ks: int = 8   # warps per block, splitting K into contiguous whole-group ranges
     u: int = 4    # chunks of 64 k loaded per batch (u * 16 bytes in flight a lane per n-tile)
     l2pf: bool = False   # weight loads with the .L2::256B prefetch hint
+    il: bool = False     # warps take interleaved batches of u chunks instead of contiguous ranges
 
     def options(self, dtype: torch.dtype, group_size: int):
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DNT={self.nt}",
-                f"-DKS={self.ks}", f"-DU={self.u}", f"-DL2PF={int(self.l2pf)}")
+                f"-DKS={self.ks}", f"-DU={self.u}", f"-DL2PF={int(self.l2pf)}", f"-DIL={int(self.il)}")
 
     def per_warp(self, K: int, group_size: int) -> int:
         """Chunks of 64 per warp, rounded up to whole groups (a warp's range never splits a group)."""
@@ -207,13 +217,16 @@ def _sm_count(device: int) -> int:
 
 def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
     """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
-    8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)."""
+    8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)
+    or at group 32."""
     sm = _sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
-    return DecodeConfig(nt=1, ks=ks, u=2 if ntiles * ks > 32 * sm or group_size == 32 else 4)
+    u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
+    # long K at group 128 (down_proj): interleaved batches, 11.7 -> 10.9 us at 11008x4096 (--sweep 1, H200)
+    return DecodeConfig(nt=1, ks=ks, u=u, il=u == 4 and group_size == 128 and nchunks >= 128)
 
 
 def supports_tokens(M: int) -> bool:
