@@ -106,6 +106,20 @@ def get_kernel(source: str, name: str, options: Sequence[str] = (), device: int 
     return _module(source, tuple(options), dev).get_function(name)
 
 
+def kernel_with_shared(source: str, name: str, options: Sequence[str], nbytes: int, device: int = None):
+    """The compiled kernel, its dynamic shared-memory limit raised when static + `nbytes` pass the default 48 KB."""
+    dev = torch.cuda.current_device() if device is None else device
+    return _kernel_with_shared(source, name, tuple(options), nbytes, dev)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_with_shared(source: str, name: str, options: Tuple[str, ...], nbytes: int, device: int):
+    kernel = get_kernel(source, name, options, device)
+    if nbytes + kernel.shared_size_bytes > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = nbytes
+    return kernel
+
+
 class _StreamRef:
     """The CUDA stream protocol (what cupy 14's Stream.from_external takes) over a raw stream handle."""
 

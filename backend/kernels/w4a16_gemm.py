@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import _cupy
-from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 _GEMM = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, ZFRAC, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES,
@@ -273,8 +273,8 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     cfg = config or default_config(M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size)
-    kernel = kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,), smem,
-                                x.device.index)
+    kernel = _cupy.kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
+                                      smem, x.device.index)
     nchunks = K // 64
     per_split = -(-nchunks // max(1, cfg.splitk))
     grid = (-(-N // cfg.bn), -(-M // cfg.bm), -(-nchunks // per_split))

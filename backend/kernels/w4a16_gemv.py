@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import _cupy
-from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime, kernel_with_shared
+from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, MT (8-token tiles), NT (n-tiles per block), KS (warps per block), CONTIG, STAGES (chunks in
@@ -248,7 +248,7 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemvConfig = None
         raise ValueError(f"GemvConfig {cfg} needs {smem} bytes of shared memory, more than the device's "
                          f"{device_limits(x.device.index)[1]}")
     options = cfg.options(x.dtype, rt.group_size, M) + (rt.zero_option,)
-    kernel = kernel_with_shared(_SOURCE, "w4a16_gemv", options, smem, x.device.index)
+    kernel = _cupy.kernel_with_shared(_SOURCE, "w4a16_gemv", options, smem, x.device.index)
     grid = (-(-(N // 16) // cfg.nt), -(-M // (8 * cfg.mt)))
     bias_arg = bias if bias is not None else np.uint64(0)
     _cupy.launch(kernel, grid, (cfg.ks * 32,),

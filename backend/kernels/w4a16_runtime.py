@@ -22,9 +22,8 @@ Groups of 32, 64 or 128 never split a half-chunk of 32, so one scale/zero pair c
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
@@ -126,15 +125,6 @@ def random_runtime(in_features: int, out_features: int, group_size: int, scale: 
     pairs = torch.full((nt, ng, 16), scale, dtype=dtype, device=device).view(torch.int32)     # [N/16, K/g, 8]
     return W4A16Runtime(qweight=words, zeros=zeros, scales={dtype: pairs}, in_features=in_features,
                         out_features=out_features, group_size=group_size)
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_with_shared(source: str, name: str, options: Tuple[str, ...], nbytes: int, device: int):
-    """The compiled kernel, its dynamic shared-memory limit raised past the default 48 KB when it needs more."""
-    kernel = _cupy.get_kernel(source, name, options, device)
-    if nbytes > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = nbytes
-    return kernel
 
 
 # Device helpers shared by the GEMV, GEMM and dequantize kernels. Compiled with -DIS_BF16=0|1 and -DGROUP_SIZE=<group>.
