@@ -29,6 +29,7 @@ from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm, splitk_
 from backend.kernels import w4a16_decode
 from backend.kernels.w4a16_decode import DecodeConfig
 from backend.kernels.w4a16_gemv import gemv
+from scripts.bench_timing import graph_ms
 
 log = logging.getLogger(__name__)
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (in, out): qkv/o-like, gate/up, down
@@ -57,39 +58,6 @@ def copy_bandwidth(gib: float = 2) -> float:
             times.append(a.elapsed_time(b))
         best = min(best, statistics.median(times))
     return 2 * src.numel() * 4 / (best / 1e3)
-
-
-def graph_ms(fn, calls: int, replays: int = 5) -> float:
-    """Milliseconds per call of `fn` (which makes `calls` calls), replayed from a CUDA graph; NaN if it fails."""
-    try:
-        return _graph_ms(fn, calls, replays)
-    except Exception as e:   # one failing path must not lose the others' numbers
-        log.error("timing failed: %s", e)
-        return float("nan")
-
-
-def _graph_ms(fn, calls: int, replays: int) -> float:
-    fn()                                              # compile kernels, prepare, allocate outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    reps = max(1, min(50, int(0.02 / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps / calls)
-    return statistics.median(times)
 
 
 def l2_bytes() -> int:

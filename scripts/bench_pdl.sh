@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Programmatic dependent launch (issue 4) on the device, off vs on in one call: the PDL GPU tests, the host cost of
-# an eager launch, the W4A16 decode GEMV table (graphs of back-to-back calls) with LMTRITON_PDL=0 / auto, then
+# Programmatic dependent launch (issue 4) on the device, off vs on in one call: the PDL and W4A16 GPU tests, the host
+# cost of an eager launch, the W4A16 decode GEMV table (graphs of back-to-back calls) and the decode attention
+# benchmark with LMTRITON_PDL=0 / auto, then
 # scripts/bench_decode.py (Llama-2-7B shape: W4A16 g128 + KV int8 and fp16; Llama-3-8B fp16) with LMTRITON_PDL=0 /
 # auto (the default), interleaved.
 #   bash scripts/bench_pdl.sh "$OUT"      ->  $OUT/pdl.tgz, $OUT/summary.txt
@@ -14,7 +15,7 @@ export PYTHONPATH=.
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$d/gpu.txt" 2>&1
 
-timeout 150 python3 -m pytest -m gpu -q tests/test_pdl.py > "$d/tests.txt" 2>&1
+timeout 150 python3 -m pytest -m gpu -q tests/test_pdl.py tests/test_kernel_w4a16.py > "$d/tests.txt" 2>&1
 echo "pdl tests rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/tests.txt"
 
 bench() {   # name, LMTRITON_PDL, extra flags...
@@ -29,6 +30,11 @@ for m in 0 auto; do
     LMTRITON_PDL=$m timeout 150 python3 scripts/bench_kernels.py --gemv-only --quick --out "$d/gemv_pdl_$m.json" \
         > "$d/gemv_pdl_$m.log" 2>&1
     echo "gemv pdl=$m rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/runs.txt"
+done
+for m in 0 auto; do
+    LMTRITON_PDL=$m timeout 100 python3 scripts/bench_attention.py --quick --no-prefill --out "$d/attention_pdl_$m.json" \
+        > "$d/attention_pdl_$m.log" 2>&1
+    echo "attention pdl=$m rc=$? ($(( $(date +%s) - t0 )) s)" >> "$d/runs.txt"
 done
 for m in 0 auto; do
     bench awq_kvint8_pdl_$m $m --model llama2-7b --quant awq --kv int8
@@ -49,6 +55,9 @@ for m in ("0", "auto"):
                                                for r in g if r["group"] == 128))
 print(f"{'run':22} {'pdl':>3} {'bs1 tok/s':>9} {'% limit':>7} {'replay ms':>9} {'bs64 tok/s':>10} {'% limit':>7} "
       f"{'TTFT ms':>8}")
+for m in ("0", "auto"):
+    a = json.loads((d / f"attention_pdl_{m}.json").read_text())["decode"]
+    print(f"attention, LMTRITON_PDL={m}: " + "; ".join(f"{r['impl']} {r['shape']} {r['kv']} {r['ms']:.3f} ms" for r in a))
 for f in sorted(p for p in d.glob("*.json") if "bs1" in json.loads(p.read_text())):
     r = json.loads(f.read_text())
     a, b = r["bs1"], r["bs64"]
