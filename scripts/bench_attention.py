@@ -63,7 +63,8 @@ def _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers):
     return cache, tables, lens, q, 2 * batch * ctx * hk * per_head
 
 
-def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, impl="cuda"):
+def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, impl="cuda", bound=0):
+    """bound: the static context bound passed to the kernel (a CUDA graph's session_len; 0 = ctx)."""
     hq, hk, d = shape
     layers = 4                                   # rotate layers so that L2 never holds the cache
     cache, tables, lens, q, nbytes = _decode_setup(kv_dtype, hq, hk, d, batch, ctx, bs, layers)
@@ -72,17 +73,19 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, im
     def step():
         layer = cache.layer(state["i"] % layers)
         state["i"] += 1
-        pa.paged_decode(q, layer, tables, lens, ctx, 1 / math.sqrt(d), partition, impl=impl)
+        pa.paged_decode(q, layer, tables, lens, bound or ctx, 1 / math.sqrt(d), partition, impl=impl)
     eager_ms = time_ms(step, iters=40)        # one eager call between two events: includes host launch latency
     ms = graph_ms(lambda: [step() for _ in range(2 * layers)], 2 * layers)   # the kernels alone
     del cache
     fixed = partition > 0
-    if partition <= 0:
-        partition = pa.default_partition(batch, hq, hk, impl, kv_dtype)
+    nsplit, min_part = pa.split_plan(batch, hq, hk, bound or ctx, 0, partition, impl, kv_dtype)
+    partition = max(min_part, 16 * -(-ctx // (16 * nsplit)))      # the kernels' split_len at this context
     log.info("  %s %s:%sx%s kv=%s B=%d ctx=%d P=%d%s: %.3f ms (one eager call: %.3f ms)", impl, hq, hk, d, kv_dtype,
              batch, ctx, partition, f" tiles={pa.MMA_TILES}" if impl == "mma" and pa.MMA_TILES else "", ms, eager_ms)
-    return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "block": bs,
-            "partition": partition, "fixed_partition": fixed, "ms": ms, "eager_call_ms": eager_ms, "bytes": nbytes,
+    return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "bound": bound or ctx,
+            "block": bs,
+            "partition": partition, "splits": nsplit, "split_ctas_per_sm": pa.SPLIT_CTAS_PER_SM,
+            "fixed_partition": fixed, "ms": ms, "eager_call_ms": eager_ms, "bytes": nbytes,
             "frac_of_copy_bw": nbytes / (ms / 1e3) / bw}
 
 
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-tiles", default="", help="also time the mma kernel's int8/int4 cases with these tiles "
                     "in flight per warp (comma-separated, e.g. 1,2,4; default: the kernel's choice only)")
     ap.add_argument("--mma-tiles-kv", default="int8,int4", help="KV dtypes the --mma-tiles runs cover (auto,int8,int4)")
+    ap.add_argument("--split-ctas", default="", help="also time the default-partition cases with these split caps "
+                    "(SPLIT_CTAS_PER_SM, comma-separated; 0 = no cap)")
     ap.add_argument("--profile", default="", help="HQ,HK,D,KV[,IMPL]: run that decode case (batch 16 x 4096) 5 times "
                     "for ncu (e.g. `ncu -k regex:paged_decode`) and exit")
     args = ap.parse_args(argv)
@@ -151,13 +156,24 @@ def main(argv=None) -> int:
             for kv in args.mma_tiles_kv.split(","):
                 res["decode"].append(dict(bench_decode(shape, kv, bw, impl="mma"), tiles=tiles))
         pa.MMA_TILES = 0
+    for cap in [int(t) for t in args.split_ctas.split(",") if t]:
+        keep, pa.SPLIT_CTAS_PER_SM = pa.SPLIT_CTAS_PER_SM, cap
+        for impl in impls:
+            for shape, kv, batch, ctx in (((32, 32, 128), "auto", 16, 4096), ((32, 8, 128), "auto", 16, 4096),
+                                          ((32, 8, 128), "int8", 16, 4096), ((32, 32, 128), "auto", 1, 4096),
+                                          ((32, 8, 128), "auto", 1, 4096), ((32, 8, 128), "auto", 1, 300),
+                                          ((32, 32, 128), "auto", 1, 300), ((32, 8, 128), "auto", 64, 1024)):
+                res["decode"].append(dict(bench_decode(shape, kv, bw, batch=batch, ctx=ctx, impl=impl,
+                                                       bound=8192 if batch == 1 else 0), cap=cap))
+        pa.SPLIT_CTAS_PER_SM = keep
     if not args.quick and not args.no_prefill:
         res["prefill"].append(bench_prefill(q_len=2048, prefix=0))
         res["prefill"].append(bench_prefill(q_len=512, prefix=1536))
     log.info("copy bandwidth %.0f GB/s on %s", bw / 1e9, res["device"])
     key = lambda r: (r["shape"], r["kv"], r["batch"], r["ctx"], r["partition"] if r["fixed_partition"] else 0,
-                     r.get("tiles", 0))
-    tiles = lambda r: f" tiles={r['tiles']}" if "tiles" in r else ""
+                     r.get("cap", -1), r.get("tiles", 0))
+    tiles = lambda r: ((f" tiles={r['tiles']}" if "tiles" in r else "")
+                       + (f" cap={r['cap']} splits={r['splits']} bound={r['bound']}" if "cap" in r else ""))
     fp16_ms = {(r["impl"],) + key(r)[:1] + key(r)[2:]: r["ms"] for r in res["decode"] if r["kv"] == "auto"}
     cuda_ms = {key(r)[:-1]: r["ms"] for r in res["decode"] if r["impl"] == "cuda"}
     best_fp16 = {}                        # the faster kernel's fp16-KV time (what LMTRITON_DECODE_ATTN=auto picks)

@@ -91,6 +91,21 @@ def test_mma_static_bound_is_exact_and_pads_with_zeros(kv_dtype):
     assert padded.abs().max().item() == 0
 
 
+@pytest.mark.parametrize("cap", [8, 1])
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
+def test_split_cap_grows_the_splits_exactly(monkeypatch, kv_dtype, cap):
+    """Capped split counts: long contexts get longer splits (cap 1: thousands of tokens a split), the reference
+    still holds and a looser static bound changes no bit."""
+    monkeypatch.setattr(pa, "SPLIT_CTAS_PER_SM", cap)
+    meta, layer, q = _case(32, 8, 128, 64, kv_dtype, ctx=[7000, 5700, 33])
+    args = (q, layer, meta.block_tables, meta.context_lens)
+    tight = pa.paged_decode(*args, 7000, 0.1, impl="mma")
+    loose = pa.paged_decode(*args, 8192, 0.1, impl="mma")
+    assert pa.split_plan(3, 32, 8, 8192, 0, 0, "mma", kv_dtype)[0] < 8192 // pa.SMALL_PARTITION   # the cap acts
+    assert torch.equal(tight, loose)
+    torch.testing.assert_close(loose, pa.paged_attention_ref(q, layer, meta, 0.1), **TOL[torch.float16])
+
+
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
 def test_mma_decode_in_cuda_graph(kv_dtype):
     """Captured once with a static bound, replayed with other context lengths: equals the eager kernel."""

@@ -21,6 +21,27 @@ def test_default_partition_follows_the_kernel_choice():
     assert pa.default_partition(64, 32, 32, "auto", "int8") == pa.PARTITION
 
 
+def test_split_cap_bounds_the_grid_not_the_context(monkeypatch):
+    """A CUDA graph passes session_len as the bound: the tensor-core kernel's split count stops at
+    SPLIT_CTAS_PER_SM CTAs an SM and longer contexts get longer splits; the CUDA-core kernel is not capped."""
+    monkeypatch.setattr(pa, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(pa, "SPLIT_CTAS_PER_SM", 8)
+    # bs=16 GQA, tensor cores: 128 CTAs a split, 512-token splits; cap ceil(8 * 132 / 128) = 9
+    assert pa.split_plan(16, 32, 8, 4096, 0) == (8, 512)
+    assert pa.split_plan(16, 32, 8, 8192, 0) == (9, 512)
+    # bs=64 MHA with an int8 cache (tensor cores): 2,048 CTAs a split fill the GPU, one split
+    assert pa.split_plan(64, 32, 32, 2112, 0, kv_dtype="int8") == (1, 512)
+    # bs=1 GQA: 8 CTAs a split, cap 132: the bound decides
+    assert pa.split_plan(1, 32, 8, 8192, 0) == (64, 128)
+    # MHA fp16 (CUDA-core kernel) and explicit partitions are not capped; the cap can be switched off
+    assert pa.split_plan(64, 32, 32, 2112, 0) == (5, 512)
+    assert pa.split_plan(16, 32, 8, 8192, 0, partition=512) == (16, 512)
+    monkeypatch.setattr(pa, "SPLIT_CTAS_PER_SM", 0)
+    assert pa.split_plan(64, 32, 32, 2112, 0, kv_dtype="int8") == (5, 512)
+    with pytest.raises(ValueError, match="multiple of 16, got 100"):
+        pa.split_plan(1, 32, 32, 8192, 0, partition=100)
+
+
 @pytest.mark.parametrize("M,N,K", [(16, 4096, 4096), (64, 11008, 4096), (33, 4096, 11008)])
 def test_splitk_config_fills_the_sms_and_covers_the_tokens(M, N, K):
     cfg = splitk_config(M, N, K, sm_count=132)

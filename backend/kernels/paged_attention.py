@@ -9,10 +9,11 @@ gather their blocks and run torch SDPA (flash / memory-efficient attention), see
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -23,9 +24,17 @@ from .kv_cache import KVLayer, dequantize_ref, gather_kv_ref
 from .paged_attention_cuda import DECODE_SOURCE
 from .paged_attention_mma import MMA_SOURCE
 
-PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs=1): never depends on the
-SMALL_PARTITION = 128    # context bound, so a CUDA graph's static bound gives the eager path's exact result
+PARTITION = 512          # tokens per split (128 when the grid is small, e.g. bs=1) up to the split cap; longer
+SMALL_PARTITION = 128    # contexts get longer splits (split_len in the kernels)
 SMALL_GRID = 64          # CTAs per split below which the small partition is used (bs=1; measured, docs)
+# Split cap of the tensor-core kernel: at most this many CTAs an SM over all splits (0: no cap, splits cover the
+# bound). When one split's grid already fills the GPU (bs=64 MHA: 2,048 CTAs), a CUDA graph captured at
+# session_len would still launch a split per partition of the bound and a reduce pass; capped, long contexts get
+# longer splits instead (H200, docs/benchmarks.md: W4A16 + KV int8 bs=64 at session_len 4,160 8,160 -> 8,463
+# tok/s; MHA int8 16 x 4k 0.167 -> 0.157 ms). The CUDA-core kernel stays uncapped: it streams MHA fp16 best with
+# many CTAs (16 x 4k: 0.248 ms with 8 splits, 0.261 with 3).
+# The cap depends on the grid, never on the bound, so a graph still computes exactly what the eager path does.
+SPLIT_CTAS_PER_SM = int(os.environ.get("LMTRITON_ATTN_SPLIT_CTAS", "8"))
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 # Decode kernel: "cuda" (CUDA cores, paged_attention_cuda.py), "mma" (tensor cores, paged_attention_mma.py, for
 # GQA ratios <= 8; others fall back to "cuda") or "auto": mma for GQA or an int8/int4 cache, cuda for MHA with a
@@ -85,25 +94,46 @@ def use_mma(hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> bool:
     return impl == "mma" and hq // hk <= 8
 
 
+def ctas_per_split(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> int:
+    return b * hk if use_mma(hq, hk, impl, kv_dtype) else b * (hq // rep_tile(hq // hk))
+
+
 def default_partition(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> int:
     """Tokens per split: the small partition when one split's grid is below SMALL_GRID CTAs."""
-    ctas = b * hk if use_mma(hq, hk, impl, kv_dtype) else b * (hq // rep_tile(hq // hk))
-    return SMALL_PARTITION if ctas < SMALL_GRID else PARTITION
+    return SMALL_PARTITION if ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID else PARTITION
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_plan(b: int, hq: int, hk: int, bound: int, device: int, partition: int = 0, impl: str = "",
+               kv_dtype: str = "auto") -> Tuple[int, int]:
+    """(splits, min tokens a split). partition 0: default_partition, and for the tensor-core kernel at most
+    SPLIT_CTAS_PER_SM CTAs an SM over all splits; given: splits of exactly `partition` tokens covering `bound`.
+    A sequence's split length is max(min, 16 * ceil(ctx / (16 * splits))) (split_len in the kernels)."""
+    fixed = partition > 0
+    if not fixed:
+        partition = default_partition(b, hq, hk, impl, kv_dtype)
+    if partition % 16:
+        raise ValueError(f"partition must be a multiple of 16, got {partition}")
+    n = max(1, -(-bound // partition))
+    if not fixed and SPLIT_CTAS_PER_SM > 0 and use_mma(hq, hk, impl, kv_dtype):
+        n = min(n, max(1, -(-SPLIT_CTAS_PER_SM * _sm_count(device) // ctas_per_split(b, hq, hk, impl, kv_dtype))))
+    return n, partition
 
 
 def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  max_context_len: int, scale: float, partition: int = 0, impl: str = "") -> torch.Tensor:
     """q: [B, Hq, D] one token per sequence -> [B, Hq, D]. Reads only device tensors (CUDA-graph safe).
-    partition (tokens per split) must be a multiple of 16; impl "" = DECODE_IMPL."""
+    partition (0: default_partition, and the split cap) must be a multiple of 16; given, the splits cover
+    max_context_len at exactly that many tokens each (no cap). impl "" = DECODE_IMPL."""
     b, hq, d = q.shape
     hk = layer.k.shape[1]
     tile = rep_tile(hq // hk)
     mma = use_mma(hq, hk, impl, layer.kv_dtype) and layer.block_size >= 16   # a 16-token tile never straddles a block
-    if partition <= 0:
-        partition = default_partition(b, hq, hk, impl, layer.kv_dtype)
-    if mma and partition % 16:
-        raise ValueError(f"partition must be a multiple of 16 for the tensor-core kernel, got {partition}")
-    nsplit = max(1, -(-max_context_len // partition))
+    nsplit, partition = split_plan(b, hq, hk, max_context_len, q.device.index, partition, impl, layer.kv_dtype)
     out = torch.empty_like(q)
     if b == 0:
         return out

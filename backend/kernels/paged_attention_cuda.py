@@ -1,7 +1,7 @@
 """CUDA source of paged decode attention (flash-decoding): one query token per sequence over the paged cache.
 
 Grid (Hq / REP, B, splits): a CTA takes REP query heads sharing one KV head (GQA) of one sequence, over one
-partition of `partition` tokens, and keeps an online softmax. A group of HEAD_DIM / 8 lanes owns one token at a
+partition of its context (`split_len`: at least `min_part` tokens), and keeps an online softmax. A group of HEAD_DIM / 8 lanes owns one token at a
 time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte loads of int8/int4 codes, dequantized in
 registers with the token's (scale, zero)). Token groups combine through shuffles, warps through shared memory.
 One split writes the output; several write float32 partials that `reduce_splits` combines.
@@ -10,7 +10,17 @@ Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4
 """
 from ._cupy import PRELUDE
 
-DECODE_SOURCE = PRELUDE + r"""
+# Shared with the tensor-core kernel (paged_attention_mma.py): how a sequence's context is cut into the grid's splits.
+SPLIT_LEN = r"""
+// Tokens per split of a ctx-token sequence cut into nsplit splits, at least min_part (a multiple of 16): a context
+// of up to nsplit * min_part tokens uses min_part-token splits (the rest stay empty); a longer one gets longer
+// splits, not more of them. Depends on ctx, nsplit and min_part only, never on the static bound of a CUDA graph.
+__device__ __forceinline__ int split_len(int ctx, int nsplit, int min_part) {
+    return max(min_part, 16 * ((ctx + 16 * nsplit - 1) / (16 * nsplit)));
+}
+"""
+
+DECODE_SOURCE = PRELUDE + SPLIT_LEN + r"""
 #define VEC 8
 #define LPT (HEAD_DIM / VEC)            // lanes per token
 #define TPW (32 / LPT)                  // tokens per warp at a time
@@ -72,12 +82,13 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
              const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
              int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
              float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
-             int bs_shift, int partition, float qk_scale) {
+             int bs_shift, int min_part, float qk_scale) {
     PDL_BEGIN();
     const int b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = blockIdx.x * REP;
     const int kvh = h0 / (num_heads / num_kv_heads);
     const int ctx = context_lens[b];
+    const int partition = split_len(ctx, nsplit, min_part);
     const int start = split * partition;
     if (start >= ctx) {     // nothing to read; a lone split still owes its output (padded graph rows: zeros)
         if (nsplit == 1)
@@ -227,11 +238,12 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
 // One block per (sequence, query head), HEAD_DIM threads: combine the splits that hold tokens.
 extern "C" __global__ void reduce_splits(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                                          const int* __restrict__ context_lens, u16* __restrict__ out,
-                                         int num_heads, int nsplit, int partition) {
+                                         int num_heads, int nsplit, int min_part) {
     PDL_BEGIN();
     const long long head = blockIdx.x;
     const int b = blockIdx.x / num_heads, d = threadIdx.x;
-    const int n = min(nsplit, (context_lens[b] + partition - 1) / partition);
+    const int ctx = context_lens[b], partition = split_len(ctx, nsplit, min_part);
+    const int n = min(nsplit, (ctx + partition - 1) / partition);
     const float* ml = part_ml + head * nsplit * 2;
     float mm = NEG_INF;
     for (int s = 0; s < n; ++s) mm = fmaxf(mm, ml[s * 2]);

@@ -18,8 +18,9 @@ Scores are float32 in the log2 domain: S * (softmax_scale * log2 e), exp2f.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (= G, 1..8).
 """
 from ._cupy import PRELUDE
+from .paged_attention_cuda import SPLIT_LEN
 
-MMA_SOURCE = PRELUDE + r"""
+MMA_SOURCE = PRELUDE + SPLIT_LEN + r"""
 typedef unsigned int u32;
 #define NWARPS 4
 #define NTHREADS (NWARPS * 32)
@@ -275,11 +276,12 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
                  const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
                  int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
                  float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
-                 int bs_shift, int partition, float qk_scale) {
+                 int bs_shift, int min_part, float qk_scale) {
     PDL_BEGIN();
     const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = kvh * REP;
     const int ctx = context_lens[b];
+    const int partition = split_len(ctx, nsplit, min_part);
     const int start = split * partition;
     if (start >= ctx) {
         if (nsplit == 1)
