@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mma-tiles", default="", help="also time the mma kernel's int8/int4 cases with these tiles "
                     "in flight per warp (comma-separated, e.g. 1,2,4; default: the kernel's choice only)")
     ap.add_argument("--mma-tiles-kv", default="int8,int4", help="KV dtypes the --mma-tiles runs cover (auto,int8,int4)")
+    ap.add_argument("--mma-minb", default="", help="also time the mma kernel (16 x 4k, every KV dtype) compiled for "
+                    "these CTAs an SM (__launch_bounds__ minimum blocks, comma-separated)")
     ap.add_argument("--split-ctas", default="", help="also time the default-partition cases with these split caps "
                     "(SPLIT_CTAS_PER_SM, comma-separated; 0 = no cap)")
     ap.add_argument("--profile", default="", help="HQ,HK,D,KV[,IMPL]: run that decode case (batch 16 x 4096) 5 times "
@@ -156,6 +158,12 @@ def main(argv=None) -> int:
             for kv in args.mma_tiles_kv.split(","):
                 res["decode"].append(dict(bench_decode(shape, kv, bw, impl="mma"), tiles=tiles))
         pa.MMA_TILES = 0
+    for minb in [int(t) for t in args.mma_minb.split(",") if t]:
+        pa.MMA_MINB = minb
+        for shape in ((32, 32, 128), (32, 8, 128)):
+            for kv in ("auto", "int8", "int4"):
+                res["decode"].append(dict(bench_decode(shape, kv, bw, impl="mma"), minb=minb))
+        pa.MMA_MINB = 0
     for cap in [int(t) for t in args.split_ctas.split(",") if t]:
         keep, pa.SPLIT_CTAS_PER_SM = pa.SPLIT_CTAS_PER_SM, cap
         for impl in impls:
@@ -171,9 +179,10 @@ def main(argv=None) -> int:
         res["prefill"].append(bench_prefill(q_len=512, prefix=1536))
     log.info("copy bandwidth %.0f GB/s on %s", bw / 1e9, res["device"])
     key = lambda r: (r["shape"], r["kv"], r["batch"], r["ctx"], r["partition"] if r["fixed_partition"] else 0,
-                     r.get("cap", -1), r.get("tiles", 0))
+                     r.get("cap", -1), r.get("minb", 0), r.get("tiles", 0))
     tiles = lambda r: ((f" tiles={r['tiles']}" if "tiles" in r else "")
-                       + (f" cap={r['cap']} splits={r['splits']} bound={r['bound']}" if "cap" in r else ""))
+                       + (f" cap={r['cap']} splits={r['splits']} bound={r['bound']}" if "cap" in r else "")
+                       + (f" minb={r['minb']}" if "minb" in r else ""))
     fp16_ms = {(r["impl"],) + key(r)[:1] + key(r)[2:]: r["ms"] for r in res["decode"] if r["kv"] == "auto"}
     cuda_ms = {key(r)[:-1]: r["ms"] for r in res["decode"] if r["impl"] == "cuda"}
     best_fp16 = {}                        # the faster kernel's fp16-KV time (what LMTRITON_DECODE_ATTN=auto picks)

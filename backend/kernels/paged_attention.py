@@ -42,6 +42,10 @@ _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 # 0.95x fp16, 0.85x MHA int4, 1.08x MHA fp16). The bench and tests flip this module constant.
 DECODE_IMPL = os.environ.get("LMTRITON_DECODE_ATTN", "auto")
 MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp (0: its default, 1/2/4 by KV kind)
+# tensor-core kernel: CTAs an SM to budget registers for (0: 4 for a 16-bit cache with head_dim 128, where GQA
+# 16 x 4k went 0.077 -> 0.071 ms; none for int8/int4, which slowed (0.055 -> 0.062 ms), nor head_dim 64 (15:5 x 64
+# 0.025 -> 0.030 ms); 5-8 slower for all; H200, docs/benchmarks.md)
+MMA_MINB = 0
 _LOG2E = 1.4426950408889634
 
 
@@ -146,7 +150,8 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
     else:
         part_acc = part_ml = out      # unused by the kernel
     if mma:
-        tiles = (f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()
+        minb = MMA_MINB or (4 if layer.kv_dtype == "auto" and d == 128 else 0)
+        tiles = ((f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()) + ((f"-DMINB={minb}",) if minb else ())
         kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles)
         grid = (hk, b, nsplit)
     else:

@@ -271,7 +271,10 @@ __device__ __forceinline__ void process_tile(Tile& T, int t0, int end, const u32
         }
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS)
+#ifndef MINB                                       // CTAs an SM the compiler budgets registers for
+#define MINB 1
+#endif
+extern "C" __global__ void __launch_bounds__(NTHREADS, MINB)
 paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, const void* __restrict__ v_cache,
                  const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
                  int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
