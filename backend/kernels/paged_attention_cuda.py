@@ -10,17 +10,46 @@ Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4
 """
 from ._cupy import PRELUDE
 
-# Shared with the tensor-core kernel (paged_attention_mma.py): how a sequence's context is cut into the grid's splits.
-SPLIT_LEN = r"""
+# Shared with the tensor-core kernel (paged_attention_mma.py): how a sequence's context is cut into the grid's
+# splits, and how a CTA merges its warps' softmax states and stores its result.
+ATTN_COMMON = r"""
 // Tokens per split of a ctx-token sequence cut into nsplit splits, at least min_part (a multiple of 16): a context
 // of up to nsplit * min_part tokens uses min_part-token splits (the rest stay empty); a longer one gets longer
 // splits, not more of them. Depends on ctx, nsplit and min_part only, never on the static bound of a CUDA graph.
 __device__ __forceinline__ int split_len(int ctx, int nsplit, int min_part) {
     return max(min_part, 16 * ((ctx + 16 * nsplit - 1) / (16 * nsplit)));
 }
+__device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
+// After __syncthreads: merge the NW warps' (max, sum) and unnormalized sums of R heads x D dims, then write the
+// output (one split) or this split's float32 partial (several; reduce_splits combines them). head0 = b * Hq + h0.
+template <int NW, int R, int D, int NT>
+__device__ __forceinline__ void store_cta(const float (&s_acc)[NW][R][D], const float (&s_ml)[NW][R][2],
+                                          u16* __restrict__ out, float* __restrict__ part_acc,
+                                          float* __restrict__ part_ml, long long head0, int nsplit, int split) {
+    for (int idx = threadIdx.x; idx < R * D; idx += NT) {
+        const int r = idx / D, d = idx % D;
+        float mm = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) mm = fmaxf(mm, s_ml[w][r][0]);
+        float ll = 0.f, aa = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float c = rescale(s_ml[w][r][0], mm);
+            ll += s_ml[w][r][1] * c;
+            aa += s_acc[w][r][d] * c;
+        }
+        const long long head = head0 + r;
+        if (nsplit == 1) {
+            out[head * D + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
+        } else {
+            part_acc[(head * nsplit + split) * D + d] = aa;
+            if (d == 0) { part_ml[(head * nsplit + split) * 2] = mm; part_ml[(head * nsplit + split) * 2 + 1] = ll; }
+        }
+    }
+}
 """
 
-DECODE_SOURCE = PRELUDE + SPLIT_LEN + r"""
+DECODE_SOURCE = PRELUDE + ATTN_COMMON + r"""
 #define VEC 8
 #define LPT (HEAD_DIM / VEC)            // lanes per token
 #define TPW (32 / LPT)                  // tokens per warp at a time
@@ -29,7 +58,6 @@ DECODE_SOURCE = PRELUDE + SPLIT_LEN + r"""
 #define STEP (NWARPS * TPW)             // tokens per CTA at a time
 #define UNROLL 4
 
-__device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
 
 // Raw bytes of 8 dims of one token: 16 (fp16/bf16), 8 (int8) or 4 (int4) bytes.
 #if KV_KIND == 0
@@ -213,26 +241,8 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
         }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS) {
-        const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
-        float mm = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) mm = fmaxf(mm, s_ml[w][r][0]);
-        float ll = 0.f, aa = 0.f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) {
-            const float c = rescale(s_ml[w][r][0], mm);
-            ll += s_ml[w][r][1] * c;
-            aa += s_acc[w][r][d] * c;
-        }
-        const long long head = (long long)b * num_heads + h0 + r;
-        if (nsplit == 1) {
-            out[head * HEAD_DIM + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
-        } else {
-            part_acc[(head * nsplit + split) * HEAD_DIM + d] = aa;
-            if (d == 0) { part_ml[(head * nsplit + split) * 2] = mm; part_ml[(head * nsplit + split) * 2 + 1] = ll; }
-        }
-    }
+    store_cta<NWARPS, REP, HEAD_DIM, NTHREADS>(s_acc, s_ml, out, part_acc, part_ml, (long long)b * num_heads + h0,
+                                               nsplit, split);
 }
 
 // One block per (sequence, query head), HEAD_DIM threads: combine the splits that hold tokens.

@@ -18,9 +18,9 @@ Scores are float32 in the log2 domain: S * (softmax_scale * log2 e), exp2f.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (= G, 1..8).
 """
 from ._cupy import PRELUDE
-from .paged_attention_cuda import SPLIT_LEN
+from .paged_attention_cuda import ATTN_COMMON
 
-MMA_SOURCE = PRELUDE + SPLIT_LEN + r"""
+MMA_SOURCE = PRELUDE + ATTN_COMMON + r"""
 typedef unsigned int u32;
 #define NWARPS 4
 #define NTHREADS (NWARPS * 32)
@@ -53,8 +53,6 @@ typedef unsigned int u32;
 #else
 #define MAGIC 0x64006400u
 #endif
-
-__device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
@@ -339,7 +337,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
 
-    // combine warps (the CUDA-core kernel's epilogue)
+    // combine warps
     __shared__ float s_acc[NWARPS][REP][HEAD_DIM];
     __shared__ float s_ml[NWARPS][REP][2];
     if (t4 == 0 && g < REP) { s_ml[warp][g][0] = m; s_ml[warp][g][1] = l; }
@@ -356,25 +354,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
             }
         }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS) {
-        const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
-        float mm = NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) mm = fmaxf(mm, s_ml[w][r][0]);
-        float ll = 0.f, aa = 0.f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; ++w) {
-            const float c = rescale(s_ml[w][r][0], mm);
-            ll += s_ml[w][r][1] * c;
-            aa += s_acc[w][r][d] * c;
-        }
-        const long long head = (long long)b * num_heads + h0 + r;
-        if (nsplit == 1) {
-            out[head * HEAD_DIM + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
-        } else {
-            part_acc[(head * nsplit + split) * HEAD_DIM + d] = aa;
-            if (d == 0) { part_ml[(head * nsplit + split) * 2] = mm; part_ml[(head * nsplit + split) * 2 + 1] = ll; }
-        }
-    }
+    store_cta<NWARPS, REP, HEAD_DIM, NTHREADS>(s_acc, s_ml, out, part_acc, part_ml, (long long)b * num_heads + h0,
+                                               nsplit, split);
 }
 """
