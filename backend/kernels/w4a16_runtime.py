@@ -170,6 +170,16 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 sel) {
     return d;
 }
 
+// (a & MASK) | OR in one lop3 (0xEA = (A & B) | C): written as `(a & m) | o` in C it compiles to two LOP3s, each
+// with one of the two immediates (SASS takes one a LOP3); the explicit lop3 has ptxas keep one constant in a
+// register instead (H200 SASS of the decode GEMV: 8 -> 4 LOP3 a packed word; decode GEMV 4096x11008 11.98 ->
+// 11.08 us, W4A16 + KV int8 bs=1 457.5 -> 491.5 tok/s in one call, docs/benchmarks.md).
+template <u32 MASK, u32 OR> __device__ __forceinline__ u32 and_or(u32 a) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "n"(OR));
+    return d;
+}
+
 __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
 #if IS_BF16
     u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
@@ -212,26 +222,26 @@ __device__ __forceinline__ ZeroPair zero_pair(u32 zp) {
 // One packed word -> (q - z) for the four A registers of one m16n8k16 k-tile (a0/a2 row g, a1/a3 row g+8), exact.
 __device__ __forceinline__ void q_minus_z(u32 w, const ZeroPair& z, u32 a[4]) {
 #if IS_BF16 && ZFRAC
-    a[0] = sub2(sub2((w & 0x000F000Fu) | MAGIC, MAGIC), z.lo);
-    a[1] = sub2(sub2(((w >> 4) & 0x000F000Fu) | MAGIC, MAGIC), z.hi);
-    a[2] = sub2(sub2(((w >> 8) & 0x000F000Fu) | MAGIC, MAGIC), z.lo);
-    a[3] = sub2(sub2(((w >> 12) & 0x000F000Fu) | MAGIC, MAGIC), z.hi);
+    a[0] = sub2(sub2(and_or<0x000F000Fu, MAGIC>(w), MAGIC), z.lo);
+    a[1] = sub2(sub2(and_or<0x000F000Fu, MAGIC>(w >> 4), MAGIC), z.hi);
+    a[2] = sub2(sub2(and_or<0x000F000Fu, MAGIC>(w >> 8), MAGIC), z.lo);
+    a[3] = sub2(sub2(and_or<0x000F000Fu, MAGIC>(w >> 12), MAGIC), z.hi);
 #elif IS_BF16
-    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
-    a[1] = sub2(((w >> 4) & 0x000F000Fu) | MAGIC, z.hi);
-    a[2] = sub2(((w >> 8) & 0x000F000Fu) | MAGIC, z.lo);
-    a[3] = sub2(((w >> 12) & 0x000F000Fu) | MAGIC, z.hi);
+    a[0] = sub2(and_or<0x000F000Fu, MAGIC>(w), z.lo);
+    a[1] = sub2(and_or<0x000F000Fu, MAGIC>(w >> 4), z.hi);
+    a[2] = sub2(and_or<0x000F000Fu, MAGIC>(w >> 8), z.lo);
+    a[3] = sub2(and_or<0x000F000Fu, MAGIC>(w >> 12), z.hi);
 #elif ZFRAC
-    a[0] = fma2(((w << 4) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.lo);   // 0x2C00 = 1/16
-    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
-    a[2] = fma2(((w >> 4) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.lo);
-    a[3] = fma2(((w >> 8) & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+    a[0] = fma2(and_or<0x00F000F0u, MAGIC>(w << 4), 0x2C002C00u, z.lo);   // 0x2C00 = 1/16
+    a[1] = fma2(and_or<0x00F000F0u, MAGIC>(w), 0x2C002C00u, z.hi);
+    a[2] = fma2(and_or<0x00F000F0u, MAGIC>(w >> 4), 0x2C002C00u, z.lo);
+    a[3] = fma2(and_or<0x00F000F0u, MAGIC>(w >> 8), 0x2C002C00u, z.hi);
 #else
     const u32 w8 = w >> 8;
-    a[0] = sub2((w & 0x000F000Fu) | MAGIC, z.lo);
-    a[1] = fma2((w & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
-    a[2] = sub2((w8 & 0x000F000Fu) | MAGIC, z.lo);
-    a[3] = fma2((w8 & 0x00F000F0u) | MAGIC, 0x2C002C00u, z.hi);
+    a[0] = sub2(and_or<0x000F000Fu, MAGIC>(w), z.lo);
+    a[1] = fma2(and_or<0x00F000F0u, MAGIC>(w), 0x2C002C00u, z.hi);
+    a[2] = sub2(and_or<0x000F000Fu, MAGIC>(w8), z.lo);
+    a[3] = fma2(and_or<0x00F000F0u, MAGIC>(w8), 0x2C002C00u, z.hi);
 #endif
 }
 
