@@ -1,8 +1,8 @@
 """CUDA source of paged decode attention (flash-decoding): one query token per sequence over the paged cache.
 
 Grid (Hq / REP, B, splits): a CTA takes REP query heads sharing one KV head (GQA) of one sequence, over one
-partition of its context (`split_len`: at least `min_part` tokens), and keeps an online softmax. A group of HEAD_DIM / 8 lanes owns one token at a
-time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte loads of int8/int4 codes, dequantized in
+partition of its context (`split_len`: at least `min_part` tokens), and keeps an online softmax. A group of
+HEAD_DIM / 8 lanes owns one token at a time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte loads of int8/int4 codes, dequantized in
 registers with the token's (scale, zero)). Token groups combine through shuffles, warps through shared memory.
 One split writes the output; several write float32 partials that `reduce_splits` combines.
 Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
@@ -57,7 +57,6 @@ DECODE_SOURCE = PRELUDE + ATTN_COMMON + r"""
 #define NTHREADS (NWARPS * 32)
 #define STEP (NWARPS * TPW)             // tokens per CTA at a time
 #define UNROLL 4
-
 
 // Raw bytes of 8 dims of one token: 16 (fp16/bf16), 8 (int8) or 4 (int4) bytes.
 #if KV_KIND == 0
