@@ -2,8 +2,9 @@
 
 Grid (Hq / REP, B, splits): a CTA takes REP query heads sharing one KV head (GQA) of one sequence, over one
 partition of its context (`split_len`: at least `min_part` tokens), and keeps an online softmax. A group of
-HEAD_DIM / 8 lanes owns one token at a time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte loads of int8/int4 codes, dequantized in
-registers with the token's (scale, zero)). Token groups combine through shuffles, warps through shared memory.
+HEAD_DIM / 8 lanes owns one token at a time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte
+loads of int8/int4 codes, dequantized in registers with the token's (scale, zero)). Token groups combine through
+shuffles, warps through shared memory.
 One split writes the output; several write float32 partials that `reduce_splits` combines.
 Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (1..8).
