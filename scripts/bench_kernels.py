@@ -221,7 +221,8 @@ def markdown(res) -> str:
                    f"{r['fp16_cublas_us']:.1f} | {r['speedup_vs_fp16']:.2f}x |")
     if res.get("gemv_sweep"):
         out += ["", "Decode GEMV block configurations (fp16): the best of the sweep per shape, group and M.", "",
-                "| K x N | group | M | best (nt, ks, u, il) | us | % copy BW | registers | default us | configs tried |",
+                "| K x N | group | M | best (nt, ks, u, il) | us | % copy BW | registers | default us "
+                "| configs tried |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         default_us = {(r["K"], r["N"], r["group"], r["M"]): r["us"] for r in res["gemv"]}
         keys = sorted({(r["K"], r["N"], r.get("group", 128), r["M"]) for r in res["gemv_sweep"]})

@@ -68,7 +68,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
     const int nt0 = blockIdx.x * NT;
-#if IL   // interleaved: batch i of warp w is chunks (w + i * KS) * U.., so the block reads KS * U adjacent chunks a step
+#if IL   // interleaved: batch i of warp w is chunks (w + i * KS) * U..: the block reads KS * U adjacent chunks a step
     const int c0 = warp * U, c_end = nchunks, cstep = KS * U;
 #else      // contiguous: warp w owns chunks [w * per_warp, (w + 1) * per_warp) (per_warp: whole groups)
     const int c0 = warp * per_warp, c_end = min(c0 + per_warp, nchunks), cstep = U;
