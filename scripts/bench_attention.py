@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from backend.kernels import paged_attention as pa
-from scripts.bench_timing import graph_ms
 from backend.kernels.kv_cache import KVCache
+from scripts.bench_timing import graph_ms
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def bench_decode(shape, kv_dtype, bw, batch=16, ctx=4096, bs=64, partition=0, im
     del cache
     fixed = partition > 0
     nsplit, min_part = pa.split_plan(batch, hq, hk, bound or ctx, 0, partition, impl, kv_dtype)
-    partition = max(min_part, 16 * -(-ctx // (16 * nsplit)))      # the kernels' split_len at this context
+    partition = pa.split_len(ctx, nsplit, min_part)
     log.info("  %s %s:%sx%s kv=%s B=%d ctx=%d P=%d%s: %.3f ms (one eager call: %.3f ms)", impl, hq, hk, d, kv_dtype,
              batch, ctx, partition, f" tiles={pa.MMA_TILES}" if impl == "mma" and pa.MMA_TILES else "", ms, eager_ms)
     return {"impl": impl, "shape": f"{hq}:{hk}x{d}", "kv": kv_dtype, "batch": batch, "ctx": ctx, "bound": bound or ctx,

@@ -24,7 +24,7 @@ def test_default_partition_follows_the_kernel_choice():
 def test_split_cap_bounds_the_grid_not_the_context(monkeypatch):
     """A CUDA graph passes session_len as the bound: the tensor-core kernel's split count stops at
     SPLIT_CTAS_PER_SM CTAs an SM and longer contexts get longer splits; the CUDA-core kernel is not capped."""
-    monkeypatch.setattr(pa, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(pa._cupy, "sm_count", lambda device: 132)
     monkeypatch.setattr(pa, "SPLIT_CTAS_PER_SM", 8)
     # bs=16 GQA, tensor cores: 128 CTAs a split, 512-token splits; cap ceil(8 * 132 / 128) = 9
     assert pa.split_plan(16, 32, 8, 4096, 0) == (8, 512)
@@ -40,6 +40,9 @@ def test_split_cap_bounds_the_grid_not_the_context(monkeypatch):
     assert pa.split_plan(64, 32, 32, 2112, 0, kv_dtype="int8") == (5, 512)
     with pytest.raises(ValueError, match="multiple of 16, got 100"):
         pa.split_plan(1, 32, 32, 8192, 0, partition=100)
+    # a split's tokens: the minimum up to splits * minimum tokens, then longer, in whole 16-token tiles
+    assert pa.split_len(300, 9, 512) == 512 and pa.split_len(8192, 9, 512) == 912
+    assert pa.split_len(8192, 16, 512) == 512 and pa.split_len(7000, 6, 128) == 1168
 
 
 @pytest.mark.parametrize("M,N,K", [(16, 4096, 4096), (64, 11008, 4096), (33, 4096, 11008)])

@@ -106,6 +106,12 @@ def get_kernel(source: str, name: str, options: Sequence[str] = (), device: int 
     return _module(source, tuple(options), dev).get_function(name)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: int) -> int:
+    """Streaming multiprocessors of `device` (grid sizing of the kernels)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def kernel_with_shared(source: str, name: str, options: Sequence[str], nbytes: int, device: int = None):
     """The compiled kernel, its dynamic shared-memory limit raised when static + `nbytes` pass the default 48 KB."""
     dev = torch.cuda.current_device() if device is None else device

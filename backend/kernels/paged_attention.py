@@ -9,7 +9,6 @@ gather their blocks and run torch SDPA (flash / memory-efficient attention), see
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -107,9 +106,9 @@ def default_partition(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = 
     return SMALL_PARTITION if ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID else PARTITION
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def split_len(ctx: int, nsplit: int, min_part: int) -> int:
+    """Tokens per split of a ctx-token sequence (the kernels' split_len, ATTN_COMMON in paged_attention_cuda.py)."""
+    return max(min_part, 16 * -(-ctx // (16 * nsplit)))
 
 
 def split_plan(b: int, hq: int, hk: int, bound: int, device: int, partition: int = 0, impl: str = "",
@@ -124,7 +123,7 @@ def split_plan(b: int, hq: int, hk: int, bound: int, device: int, partition: int
         raise ValueError(f"partition must be a multiple of 16, got {partition}")
     n = max(1, -(-bound // partition))
     if not fixed and SPLIT_CTAS_PER_SM > 0 and use_mma(hq, hk, impl, kv_dtype):
-        n = min(n, max(1, -(-SPLIT_CTAS_PER_SM * _sm_count(device) // ctas_per_split(b, hq, hk, impl, kv_dtype))))
+        n = min(n, max(1, -(-SPLIT_CTAS_PER_SM * _cupy.sm_count(device) // ctas_per_split(b, hq, hk, impl, kv_dtype))))
     return n, partition
 
 

@@ -18,7 +18,6 @@ the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 41
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,16 +209,11 @@ class DecodeConfig:
         return -(-(-(-nchunks // self.ks)) // cpg) * cpg
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
     """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
     8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)
     or at group 32."""
-    sm = _sm_count(device)
+    sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
     while ks > 1 and nchunks < 2 * ks:

@@ -215,7 +215,7 @@ class GemvConfig:
 @functools.lru_cache(maxsize=None)
 def device_limits(device: int):
     props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+    return _cupy.sm_count(device), getattr(props, "shared_memory_per_block_optin", 227 * 1024)
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: int) -> GemvConfig:
