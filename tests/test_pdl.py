@@ -46,6 +46,12 @@ def test_pdl_mode_is_validated(monkeypatch):
         _cupy.pdl_enabled(0)
     monkeypatch.setattr(_cupy, "PDL_MODE", "0")
     assert _cupy.pdl_enabled(0) is False
+    monkeypatch.setattr(_cupy, "PDL_MODE", "1")              # forced where the GPU or driver cannot: an error
+    monkeypatch.setattr(_cupy, "_pdl_supported", lambda device: False)
+    with pytest.raises(RuntimeError, match="LMTRITON_PDL=1 needs a compute capability 9.0"):
+        _cupy.pdl_enabled(0)
+    monkeypatch.setattr(_cupy, "PDL_MODE", "auto")           # auto falls back to cupy's own launch
+    assert _cupy.pdl_enabled(0) is False
 
 
 _PROBE = _cupy.PDL_MACROS + r"""
