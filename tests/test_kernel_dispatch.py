@@ -1,4 +1,5 @@
 """Which CUDA kernel a shape gets: pure decisions, checked on the CPU (the kernels themselves: -m gpu tests)."""
+import os
 import pytest
 
 from backend.kernels import paged_attention as pa
@@ -63,3 +64,17 @@ def test_rotary_write_kv_names_a_bad_hadamard_mode():
     with pytest.raises(ValueError, match="hadamard must be 0 .* got 3"):
         rotary_write_kv(q, k, k, torch.zeros(1, dtype=torch.int32), torch.ones(32), 0, cache.layer(0),
                         torch.zeros(1, dtype=torch.int32), hadamard=3)
+
+
+@pytest.mark.parametrize("name,value,shown", [("LMTRITON_ATTN_SPLIT_CTAS", "eight", "'eight'"),
+                                              ("LMTRITON_ATTN_SPLIT_CTAS", "0", "0"),
+                                              ("LMTRITON_W4A16_SPLITK_MIN", "3.5", "'3.5'")])
+def test_integer_env_knobs_are_refused_by_name(name, value, shown):
+    # the knobs are read at import: a fresh interpreter with the bad value set
+    import subprocess
+    import sys
+    env = dict(os.environ, **{name: value})
+    r = subprocess.run([sys.executable, "-c", "import backend.kernels.w4a16, backend.kernels.paged_attention"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"{name} must be an integer >= 1, got {shown}" in r.stderr

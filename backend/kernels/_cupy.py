@@ -187,6 +187,20 @@ def _driver():
     return lib
 
 
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer tuning knob from the environment, refused by name when it is not an integer >= minimum."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
 PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")
 _PDL_MODES = ("auto", "0", "1")
 

@@ -33,7 +33,7 @@ SMALL_GRID = 64          # CTAs per split below which the small partition is use
 # tok/s; MHA int8 16 x 4k 0.167 -> 0.157 ms). The CUDA-core kernel stays uncapped: it streams MHA fp16 best with
 # many CTAs (16 x 4k: 0.248 ms with 8 splits, 0.261 with 3).
 # The cap depends on the grid, never on the bound, so a graph still computes exactly what the eager path does.
-SPLIT_CTAS_PER_SM = int(os.environ.get("LMTRITON_ATTN_SPLIT_CTAS", "8"))
+SPLIT_CTAS_PER_SM = _cupy.env_int("LMTRITON_ATTN_SPLIT_CTAS", 8)
 _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 # Decode kernel: "cuda" (CUDA cores, paged_attention_cuda.py), "mma" (tensor cores, paged_attention_mma.py, for
 # GQA ratios <= 8; others fall back to "cuda") or "auto": mma for GQA or an int8/int4 cache, cuda for MHA with a

@@ -14,7 +14,6 @@ turns them into this format with zeros_from_qzeros, exactly.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +147,7 @@ GEMM_MAX_TOKENS = 64
 # automatic split, TFLOP/s on 4096x4096 / 4096x11008 / 11008x4096: 64 tokens 133 / 183 / 193 (ring GEMV 114 / 119 /
 # 131); 48 tokens 105 / 141 / 148 (ring 94 / 101 / 115); 32 tokens 91 / 135 / 139 (ring 94 / 92 / 116); at 16 the
 # ring GEMV wins (scripts/bench_kernels.py --quick --gemm-only --gemm-tokens 16,32,48,64; docs/benchmarks.md).
-SPLITK_MIN_TOKENS = int(os.environ.get("LMTRITON_W4A16_SPLITK_MIN", "32"))
+SPLITK_MIN_TOKENS = _cupy.env_int("LMTRITON_W4A16_SPLITK_MIN", 32)
 SPLITK_MIN_WEIGHTS = 32 * 2**20
 
 
