@@ -7,6 +7,8 @@ GPU tolerances (relative to the fp32 reference `w4a16_linear_ref`, which dequant
   ||y - ref|| / ||ref|| < 1.5e-2.
 Every element is also checked: |y - ref| <= tol * max|ref| (tol 1e-2 fp16, 4e-2 bf16).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +202,8 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
             _check(w4a16_gemm.gemm(x, rt, bias, w4a16_gemm.splitk_config(M, N, K, 132)), ref, dtype)
         if M <= 8:
             _check(w4a16_decode.gemv(x, rt, bias), ref, dtype)
+            lean = dataclasses.replace(w4a16_decode.default_config(N, K, group, 0), lean=True)
+            _check(w4a16_decode.gemv(x, rt, bias, lean), ref, dtype)
         _check(w4a16_gemm.gemm(x, rt, bias), ref, dtype)
     _check(w4a16_gemm.dequant_matmul(x, rt, bias), ref, dtype)
 
@@ -224,7 +228,8 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 @pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 0), (1, 2, 2, 0), (2, 4, 4, 0), (1, 16, 4, 0), (4, 8, 1, 0), (2, 16, 2, 0),
                                  (1, 3, 8, 0), (1, 8, 2, 1), (1, 4, 1, 1), (2, 4, 4, 1), (1, 3, 8, 1), (1, 16, 1, 1)])
-def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac):
+@pytest.mark.parametrize("lean", [False, True])
+def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac, lean):
     # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
     from backend.kernels.w4a16_decode import DecodeConfig, gemv
     nt, ks, u, il = cfg
@@ -233,7 +238,8 @@ def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac):
     for M in (1, 3, 8):
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
-            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u, il=bool(il))), _ref(x, lin), dtype)
+            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u, il=bool(il), lean=lean)),
+                   _ref(x, lin), dtype)
 
 
 @pytest.mark.gpu
