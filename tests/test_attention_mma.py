@@ -1,8 +1,9 @@
 """The tensor-core paged decode kernel (paged_attention_mma.py) against the pure-torch reference.
 
 Run on the device: PYTHONPATH=. python -m pytest -m gpu tests/test_attention_mma.py
-Tolerances as in test_kernels.py (outputs rounded to fp16/bf16); P goes through the mma in fp16/bf16 and int8/int4
-V is dequantized in f16x2/bf16x2, each one more rounding that averages out over the context.
+Tolerances as in test_kernels.py (outputs rounded to fp16/bf16); P goes through the mma in fp16/bf16 (for int8/int4
+V times the token's scale: RAW codes, pa.MMA_RAW) or int8/int4 V is dequantized in f16x2/bf16x2 (exact codes), each
+one more rounding that averages out over the context.
 """
 import math
 
@@ -55,6 +56,17 @@ def test_mma_decode_matches_reference(hq, hk, d, bs, kv_dtype, partition):
     got = pa.paged_decode(q, layer, meta.block_tables, meta.context_lens, meta.max_context_len, scale,
                           partition=partition, impl="mma")
     torch.testing.assert_close(got, pa.paged_attention_ref(q, layer, meta, scale), **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("raw", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_raw_and_exact_codes_both_match_reference(monkeypatch, kv_dtype, dtype, raw):
+    # RAW folds MAGIC into the zero points (bf16 int8 always takes the exact path); long contexts: many tiles
+    monkeypatch.setattr(pa, "MMA_RAW", raw)
+    meta, layer, q = _case(32, 8, 128, 64, kv_dtype, dtype, ctx=[5, 700, 4000])
+    got = pa.paged_decode(q, layer, meta.block_tables, meta.context_lens, meta.max_context_len, 0.088, impl="mma")
+    torch.testing.assert_close(got, pa.paged_attention_ref(q, layer, meta, 0.088), **TOL[dtype])
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])

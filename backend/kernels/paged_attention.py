@@ -45,6 +45,10 @@ MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp
 # 16 x 4k went 0.077 -> 0.071 ms; none for int8/int4, which slowed (0.055 -> 0.062 ms), nor head_dim 64 (15:5 x 64
 # 0.025 -> 0.030 ms); 5-8 slower for all; H200, docs/benchmarks.md)
 MMA_MINB = 0
+# tensor-core kernel, int8/int4 caches: 1 = codes enter the mma as MAGIC + c with the offset folded into the zero
+# points (paged_attention_mma.py, RAW); 0 = the measured exact-code path (subtract, then dequantize V in registers).
+# Off until RAW has run on a GPU (it compiles for every variant; never timed or tested there).
+MMA_RAW = _cupy.env_int("LMTRITON_ATTN_RAW_CODES", 0, minimum=0)
 _LOG2E = 1.4426950408889634
 
 
@@ -150,7 +154,8 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
         part_acc = part_ml = out      # unused by the kernel
     if mma:
         minb = MMA_MINB or (4 if layer.kv_dtype == "auto" and d == 128 else 0)
-        tiles = ((f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()) + ((f"-DMINB={minb}",) if minb else ())
+        tiles = ((f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()) + ((f"-DMINB={minb}",) if minb else ()) + (
+            f"-DRAW_CODES={int(bool(MMA_RAW))}",)
         kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles)
         grid = (hk, b, nsplit)
     else:

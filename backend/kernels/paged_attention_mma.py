@@ -12,10 +12,15 @@ Per tile and warp:
   O^T += V^T P^T  A = V^T (16 dims x 16 tokens), B = P^T (16 tokens x 8 heads): the S accumulators of lane (g, t)
                 are exactly its P^T B registers (tokens 2t, 2t+1, 8+2t, 9+2t of head g), so P never leaves the
                 registers; the lane loads those 4 tokens' V (VCH dims each) and pairs tokens per register (prmt).
-int8/int4 K: codes go into the mma exactly (magic-number conversion), the scale/zero fold into the score:
-  q.k = s * sum q c + z * sum q.  int8/int4 V: dequantized in registers (c * s + z as f16x2/bf16x2 fma).
+int8/int4 K and V: codes go into the mma as MAGIC + c (one prmt or lop3 a register: the magic-number
+  conversion without its subtraction), and scale, zero and MAGIC fold into the score and into P:
+  q.k = s q.(M + c) + (z - M s) sum q;  sum_t p_t v_t = sum_t (p_t s_t)(M + c_t) + sum_t (p_t z_t - M (p_t s_t)),
+  the last term one scalar a head carried beside l, with p_t s_t as rounded for the mma (so that M times it cancels
+  exactly). bf16 int8 (128 + c exact below 128 only) keeps the exact codes and
+  dequantizes V in registers (c * s + z, bf16x2 fma).
 Scores are float32 in the log2 domain: S * (softmax_scale * log2 e), exp2f.
-Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (= G, 1..8).
+Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (= G, 1..8), RAW_CODES
+(0: the exact-code path for int8/int4 too).
 """
 from ._cupy import PRELUDE
 from .paged_attention_cuda import ATTN_COMMON
@@ -50,9 +55,18 @@ typedef unsigned int u32;
 #endif
 #if IS_BF16
 #define MAGIC 0x43004300u
+#define MAGIC_F 128.f
 #else
 #define MAGIC 0x64006400u
+#define MAGIC_F 1024.f
 #endif
+// RAW: quantized codes enter the mma as MAGIC + c, one prmt or lop3 a register and no subtraction; the offset folds
+// into the zero point: q.k = s q.(M + c) + (z - M s) sum q, and sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t)(M + c_t)
+// + sum_t p_t (z_t - M s_t), the last a per-head scalar carried like l. Not bf16 int8: 128 + c is exact below 128 only.
+#ifndef RAW_CODES
+#define RAW_CODES 1
+#endif
+#define RAW (RAW_CODES && KV_KIND != 0 && !(IS_BF16 && KV_KIND == 1))
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d; asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel)); return d;
@@ -95,6 +109,23 @@ __device__ __forceinline__ u32 codes2(u32 c) {
     return sub2(c | MAGIC, MAGIC);
 #endif
 }
+// Codes in the low bits of each 16-bit half: MAGIC + c (RAW) or c. int8 takes the magic byte through the prmt.
+__device__ __forceinline__ u32 int8_pair(u32 w, u32 sel) {
+#if RAW
+    return prmt(w, 0x64646464u, sel);
+#else
+    return codes2(prmt(w, 0u, sel));
+#endif
+}
+__device__ __forceinline__ u32 int4_pair(u32 w) {
+#if RAW
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(0x000F000Fu), "n"(MAGIC));   // (w & m) | MAGIC
+    return d;
+#else
+    return codes2(w & 0x000F000Fu);
+#endif
+}
 __device__ __forceinline__ void mma16816(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if IS_BF16
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -126,10 +157,10 @@ __device__ __forceinline__ void k_regs(const u32* w, int s, u32& b0, u32& b1) {
 #if KV_KIND == 0
     b0 = w[2 * s]; b1 = w[2 * s + 1];
 #elif KV_KIND == 1
-    b0 = codes2(prmt(w[s], 0u, 0x4140u)); b1 = codes2(prmt(w[s], 0u, 0x4342u));
+    b0 = int8_pair(w[s], 0x4140u); b1 = int8_pair(w[s], 0x4342u);
 #else
     const u32 x = w[s >> 1] >> (8 * (s & 1));
-    b0 = codes2(x & 0x000F000Fu); b1 = codes2((x >> 4) & 0x000F000Fu);
+    b0 = int4_pair(x); b1 = int4_pair(x >> 4);
 #endif
 }
 // A registers (row g: dim 2i of the V chunk, row g+8: dim 2i+1) pairing token a (low half) with token b.
@@ -140,11 +171,11 @@ __device__ __forceinline__ void v_regs(const u32* wa, const u32* wb, int i, u32&
     const int byte = 2 * (i & 1);
     const u32 sel = byte | ((byte + 4) << 4) | ((byte + 1) << 8) | ((byte + 5) << 12);   // a, b, a+1, b+1
     const u32 x = prmt(wa[i >> 1], wb[i >> 1], sel);
-    lo = codes2(prmt(x, 0u, 0x4140u)); hi = codes2(prmt(x, 0u, 0x4342u));
+    lo = int8_pair(x, 0x4140u); hi = int8_pair(x, 0x4342u);
 #else
     const int byte = i & 3;
     const u32 x = prmt(wa[i >> 2], wb[i >> 2], (u32)(byte | ((byte + 4) << 8)));
-    lo = codes2(x & 0x000F000Fu); hi = codes2((x >> 4) & 0x000F000Fu);
+    lo = int4_pair(x); hi = int4_pair(x >> 4);
 #endif
 }
 
@@ -184,7 +215,7 @@ __device__ __forceinline__ void load_tile(Tile& T, const u32* __restrict__ kc, c
 // Online softmax and both products over one tile (t0: its first token; tokens >= end are masked).
 __device__ __forceinline__ void process_tile(Tile& T, int t0, int end, const u32 (&qa)[KSTEPS][2], float qsum,
                                              float qk_scale, float (&o)[MTILES][4], float& m, float& l,
-                                             int g, int t4) {
+                                             float& zacc, int g, int t4) {
     const int vtok[4] = {2 * t4, 2 * t4 + 1, 8 + 2 * t4, 9 + 2 * t4};
     // S = Q K^T: s[n][0..1] = head g, tokens 8n + 2t4 + {0, 1}
     float s[2][4];
@@ -206,7 +237,8 @@ __device__ __forceinline__ void process_tile(Tile& T, int t0, int end, const u32
             float x = s[n][e];
 #if KV_KIND != 0   // the score's token is 8n + 2t4 + e: its scale/zero sit with lane (g' = 2t4 + e) of n-tile n
             const float ks = __shfl_sync(0xffffffffu, T.kp[n].x, (2 * t4 + e) * 4);
-            const float kz = __shfl_sync(0xffffffffu, T.kp[n].y, (2 * t4 + e) * 4);
+            const float kz = __shfl_sync(0xffffffffu, RAW ? fmaf(-MAGIC_F, T.kp[n].x, T.kp[n].y) : T.kp[n].y,
+                                         (2 * t4 + e) * 4);
             x = x * ks + qsum * kz;
 #endif
             x *= qk_scale;
@@ -226,17 +258,31 @@ __device__ __forceinline__ void process_tile(Tile& T, int t0, int end, const u32
 #pragma unroll
         for (int e = 0; e < 2; ++e) { p[n][e] = exp2f(s[n][e] - m_new); psum += p[n][e]; }
     l = l * alpha + psum;
+    // invalid tokens (past the context: stale or unwritten slots) must not reach the mma: p = 0 times NaN
+    bool vvalid[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) vvalid[u] = t0 + vtok[u] < end;
+#if RAW   // P^T scaled by each token's V scale; the zero term sum_t p_t (z_t - M s_t) of head g carried in zacc
+    float vsc[4], zt = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        vsc[u] = vvalid[u] ? T.vp[u].x : 0.f;
+        zt += p[u >> 1][u & 1] * (vvalid[u] ? T.vp[u].y : 0.f);
+    }
+    const u32 pb0 = pack2(p[0][0] * vsc[0], p[0][1] * vsc[1]), pb1 = pack2(p[1][0] * vsc[2], p[1][1] * vsc[3]);
+    // - M p_t s_t exactly as the mma sees p_t s_t (rounded to 16 bits): M times that rounding would not cancel
+    zt -= MAGIC_F * ((LOADF((u16)(pb0 & 0xFFFFu)) + LOADF((u16)(pb0 >> 16)))
+                     + (LOADF((u16)(pb1 & 0xFFFFu)) + LOADF((u16)(pb1 >> 16))));
+    zacc = zacc * alpha + zt;
+#else
     const u32 pb0 = pack2(p[0][0], p[0][1]), pb1 = pack2(p[1][0], p[1][1]);
+#endif
     // the lane's accumulators hold heads 2t4 and 2t4 + 1: their rescale factors live with lanes g' = head
     const float a0 = __shfl_sync(0xffffffffu, alpha, (2 * t4) * 4);
     const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * t4 + 1) * 4);
 #pragma unroll
     for (int i = 0; i < MTILES; ++i) { o[i][0] *= a0; o[i][1] *= a1; o[i][2] *= a0; o[i][3] *= a1; }
-    // invalid tokens (past the context: stale or unwritten slots) must not reach the mma: p = 0 times NaN
-    bool vvalid[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) vvalid[u] = t0 + vtok[u] < end;
-#if KV_KIND != 0
+#if KV_KIND != 0 && !RAW
     u32 vs[2], vz[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
@@ -261,7 +307,7 @@ __device__ __forceinline__ void process_tile(Tile& T, int t0, int end, const u32
             u32 r0, r1, r2, r3;
             v_regs(T.vw[0][c], T.vw[1][c], i, r0, r1);
             v_regs(T.vw[2][c], T.vw[3][c], i, r2, r3);
-#if KV_KIND != 0
+#if KV_KIND != 0 && !RAW
             r0 = fma2(r0, vs[0], vz[0]); r1 = fma2(r1, vs[0], vz[0]);
             r2 = fma2(r2, vs[1], vz[1]); r3 = fma2(r3, vs[1], vz[1]);
 #endif
@@ -316,7 +362,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
     float o[MTILES][4];
 #pragma unroll
     for (int i = 0; i < MTILES; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m = NEG_INF, l = 0.f;
+    float m = NEG_INF, l = 0.f, zacc = 0.f;
     const int* table = block_tables + (long long)b * max_blocks;
     const u32* kc = reinterpret_cast<const u32*>(k_cache);
     const u32* vc = reinterpret_cast<const u32*>(v_cache);
@@ -332,10 +378,17 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
 #pragma unroll
         for (int u = 0; u < TILES; ++u)
             if (t0 + u * NWARPS * 16 < end)     // warp-uniform
-                process_tile(T[u], t0 + u * NWARPS * 16, end, qa, qsum, qk_scale, o, m, l, g, t4);
+                process_tile(T[u], t0 + u * NWARPS * 16, end, qa, qsum, qk_scale, o, m, l, zacc, g, t4);
     }
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
+#if RAW   // the zero term is the same for every dim of a head: add it to the accumulators of heads 2t4, 2t4 + 1
+    zacc += __shfl_xor_sync(0xffffffffu, zacc, 1);
+    zacc += __shfl_xor_sync(0xffffffffu, zacc, 2);
+    const float z0 = __shfl_sync(0xffffffffu, zacc, (2 * t4) * 4), z1 = __shfl_sync(0xffffffffu, zacc, (2 * t4 + 1) * 4);
+#pragma unroll
+    for (int i = 0; i < MTILES; ++i) { o[i][0] += z0; o[i][1] += z1; o[i][2] += z0; o[i][3] += z1; }
+#endif
 
     // combine warps
     __shared__ float s_acc[NWARPS][REP][HEAD_DIM];
