@@ -14,6 +14,7 @@ launch overhead nor cache hits flatter the number; median of 5 timed replays.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from backend.kernels import _cupy, w4a16
 from backend.kernels.w4a16_gemm import GemmConfig, dequant_matmul, gemm, splitk_config
-from backend.kernels import w4a16_decode
+from backend.kernels import dense_decode, w4a16_decode
 from backend.kernels.w4a16_decode import DecodeConfig
 from backend.kernels.w4a16_gemv import gemv
 from scripts.bench_timing import graph_ms
@@ -91,7 +92,13 @@ def over(pool, call):
 
 def sweep_configs():
     """Block configurations of the decode GEMV (w4a16_decode.DecodeConfig)."""
-    return [DecodeConfig(nt=1, ks=ks, u=u, il=il) for ks in (4, 8, 16) for u in (1, 2, 4) for il in (False, True)]
+    return [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=lean) for ks in (4, 8, 16) for u in (1, 2, 4)
+            for il in (False, True) for lean in (False, True)]
+
+
+def dense_sweep_configs():
+    """Block configurations of the dense decode GEMV (dense_decode.DenseConfig)."""
+    return [dense_decode.DenseConfig(ks=ks, u=u) for ks in (2, 4, 8, 16) for u in (1, 2, 4, 8) if ks * u < 128]
 
 
 def copy_pool(nbytes: int):
@@ -139,8 +146,11 @@ def bench_gemv(bw, groups, tokens, sweep):
                 total = nbytes + M * K * 2
                 ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
                 ms_int = graph_ms(over(pool_int, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool_int))
+                lean = dataclasses.replace(w4a16_decode.default_config(N, K, group, 0), lean=True)
+                ms_lean = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, lean)), len(pool))
                 ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
+                ms_dense = graph_ms(over(dense, lambda w: dense_decode.gemv(x, w)), len(dense))
                 copies = copy_pool(total)
                 ms_copy = graph_ms(over(copies, lambda ab: ab[1].copy_(ab[0])), len(copies))
                 del copies
@@ -149,18 +159,28 @@ def bench_gemv(bw, groups, tokens, sweep):
                                  int_zeros_us=ms_int * 1e3, int_zeros_frac_copy_bw=total / (ms_int / 1e3) / bw,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
                                  ring_us=ms_ring * 1e3, ring_frac_copy_bw=total / (ms_ring / 1e3) / bw,
+                                 lean_us=ms_lean * 1e3, lean_frac_copy_bw=total / (ms_lean / 1e3) / bw,
                                  same_bytes_copy_us=ms_copy * 1e3, frac_same_bytes_copy=ms_copy / ms,
-                                 fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms))
+                                 fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms,
+                                 fp16_cublas_frac_copy_bw=(K * N + M * K) * 2 / (ms_fp16 / 1e3) / bw,
+                                 fp16_ours_us=ms_dense * 1e3,
+                                 fp16_ours_frac_copy_bw=(K * N + M * K) * 2 / (ms_dense / 1e3) / bw))
                 log.info("gemv %s", rows[-1])
                 if sweep and M in sweep:
                     for cfg in sweep_configs():
                         ms_c = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, cfg)),
                                         len(pool))
-                        regs = _cupy.get_kernel(w4a16_decode._SOURCE, "w4a16_decode", cfg.options(
+                        regs = _cupy.get_kernel(w4a16_decode._SOURCE, cfg.kernel_name, cfg.options(
                             torch.float16, group) + (pool[0].runtime.zero_option,)).num_regs
                         sweeps.append(dict(K=K, N=N, M=M, group=group, config=cfg.__dict__, us=ms_c * 1e3,
                                            frac_copy_bw=total / (ms_c / 1e3) / bw, regs=regs))
                         log.info("sweep %s", sweeps[-1])
+                    if group == groups[0]:
+                        for dcfg in dense_sweep_configs():
+                            ms_c = graph_ms(over(dense, lambda w: dense_decode.gemv(x, w, None, dcfg)), len(dense))
+                            sweeps.append(dict(K=K, N=N, M=M, kernel="dense_decode", config=dcfg.__dict__,
+                                               us=ms_c * 1e3, frac_copy_bw=(K * N + M * K) * 2 / (ms_c / 1e3) / bw))
+                            log.info("sweep %s", sweeps[-1])
             del pool, pool_int
     return rows, sweeps
 

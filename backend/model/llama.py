@@ -7,6 +7,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from ..kernels import dense_decode
 from ..kernels.activation import silu_and_mul
 from ..kernels.kv_cache import KVCache, write_kv
 from ..kernels.kv_static import write_kv_static
@@ -132,4 +133,7 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, hidden] -> float32 logits [B, vocab]."""
-        return F.linear(hidden, self.lm_head.to(hidden.dtype)).float()
+        w = self.lm_head.to(hidden.dtype)
+        if dense_decode.supports(hidden, w):
+            return dense_decode.gemv(hidden, w).float()
+        return F.linear(hidden, w).float()

@@ -1,0 +1,158 @@
+"""fp16/bf16 GEMV for decode (1-8 tokens): y = x W^T (+ b) over the dense [out, in] weight, on tensor cores.
+
+cuBLAS reaches 62-85% of copy bandwidth on the decode shapes at one token (H200, docs/benchmarks.md: 4096x4096
+12.8 us); this kernel streams the weight like the W4A16 decode GEMV (w4a16_decode.py), without the dequantization:
+a block owns 16 output rows, its KS warps split K into contiguous ranges of 32-k chunks, and a lane loads 16 bytes
+of row g and 16 of row g + 8 per chunk with non-caching loads, a batch of U chunks in flight while the previous
+one is multiplied. The 8 k of a lane feed two m16n8k16 k-tiles as they are: the reduction index is permuted the
+same way in W (A) and x (B), so (lane t, k-tile j) takes k 8t + 4j + {0, 1} for the A/B registers of k 2t, 2t + 1
+and 8t + 4j + {2, 3} for those of 2t + 8, 2t + 9. fp32 accumulation; warps meet in shared memory.
+Reference: `reference` (F.linear in float32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _cupy
+from .w4a16_runtime import DEVICE_HELPERS
+
+MAX_TOKENS = 8   # one 8-token mma tile
+# LMTRITON_DENSE_GEMV=1: dense linears and lm_head at 1-8 tokens take this kernel instead of cuBLAS (F.linear). Off
+# until it has run on a GPU: it compiles (NVRTC, every variant) but has never been timed or tested there.
+ENABLED = bool(_cupy.env_int("LMTRITON_DENSE_GEMV", 0, minimum=0))
+
+_SOURCE = DEVICE_HELPERS + r"""
+// -D: IS_BF16, KS (warps per block splitting K), U (32-k chunks a load batch)
+template <int UB> struct Rows {   // UB chunks of rows g and g + 8, in registers
+    uint4 a[UB], b[UB];
+    __device__ __forceinline__ void load(const uint4* ra, const uint4* rb) {
+#pragma unroll
+        for (int u = 0; u < UB; ++u) { a[u] = ld_stream(ra + 4 * u); b[u] = ld_stream(rb + 4 * u); }
+    }
+    // acc[j] += k-tile j of each chunk times the activations at xp (this lane's token row, the first chunk)
+    __device__ __forceinline__ void compute(const u16* xp, float (&acc)[2][4]) const {
+        uint4 xv[UB];
+#pragma unroll
+        for (int u = 0; u < UB; ++u) xv[u] = ld_cached(xp + 32 * u);
+#pragma unroll
+        for (int u = 0; u < UB; ++u)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const u32 fa[4] = {word_of(a[u], 2 * j), word_of(b[u], 2 * j), word_of(a[u], 2 * j + 1),
+                                   word_of(b[u], 2 * j + 1)};
+                mma16816(acc[j], fa, word_of(xv[u], 2 * j), word_of(xv[u], 2 * j + 1));
+            }
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(KS * 32)
+dense_decode(const uint4* __restrict__ w, const u16* __restrict__ x, const u16* __restrict__ bias,
+             u16* __restrict__ y, int M, int N, int K, int per_warp) {
+    __shared__ float red[KS][4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int nchunks = K >> 5;                  // 32 k: 64 bytes of a row, 16 a lane
+    const int c0 = warp * per_warp, nown = max(0, min(per_warp, nchunks - c0));
+    const int nfull = nown / U, ntail = nown - nfull * U;
+    const uint4* ra = w + ((size_t)(16 * blockIdx.x + g) * K >> 3) + 4 * c0 + t;   // row g, this warp's first chunk
+    const uint4* rb = ra + (size_t)K;                                               // row g + 8
+    // B column g is token g; a lane past the last token reads token 0: its columns are never stored
+    const u16* xp = x + (size_t)(g < M ? g : 0) * K + 32 * c0 + 8 * t;
+
+    float acc[2][4];                             // two independent mma chains (k-tile parity)
+#pragma unroll
+    for (int r = 0; r < 8; ++r) acc[r >> 2][r & 3] = 0.f;
+    Rows<U> p, q;                                // ping-pong: one batch in flight while the other is multiplied
+    if (nfull > 0) { p.load(ra, rb); ra += 4 * U; rb += 4 * U; }   // static weights: before the previous kernel ends
+    PDL_BEGIN();
+    for (int left = nfull; left > 0;) {
+        if (left > 1) { q.load(ra, rb); ra += 4 * U; rb += 4 * U; }
+        p.compute(xp, acc);
+        xp += 32 * U;
+        if (--left == 0) break;
+        if (left > 1) { p.load(ra, rb); ra += 4 * U; rb += 4 * U; }
+        q.compute(xp, acc);
+        xp += 32 * U;
+        --left;
+    }
+    for (int c = 0; c < ntail; ++c) {
+        Rows<1> r;
+        r.load(ra, rb);
+        ra += 4; rb += 4;
+        r.compute(xp, acc);
+        xp += 32;
+    }
+
+    // acc[.][r]: row 16 * tile + g + 8 * (r / 2), token 2t + (r % 2)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][r][lane] = acc[0][r] + acc[1][r];
+    __syncthreads();
+#pragma unroll 1
+    for (int v = threadIdx.x; v < 4 * 32; v += KS * 32) {
+        const int l = v & 31, r = v >> 5;
+        const int n = 16 * blockIdx.x + (l >> 2) + 8 * (r >> 1);
+        const int tok = 2 * (l & 3) + (r & 1);
+        if (tok >= M) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) s += red[k][r][l];
+        if (bias) s += act_to_float(bias[n]);
+        y[(size_t)tok * N + n] = float_to_act(s);
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    ks: int = 8   # warps per block, splitting K into contiguous ranges of 32-k chunks
+    u: int = 4    # chunks a load batch (u * 32 bytes in flight a lane, two batches in registers)
+
+    def options(self, dtype: torch.dtype):
+        return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DKS={self.ks}", f"-DU={self.u}")
+
+    def per_warp(self, K: int) -> int:
+        return -(-(K // 32) // self.ks)
+
+
+def default_config(N: int, K: int) -> DenseConfig:
+    ks = 8
+    while ks > 1 and K // 32 < 4 * ks:   # short K: fewer warps, each with a few chunks
+        ks //= 2
+    return DenseConfig(ks=ks)
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` takes this call: 1-8 tokens, fp16/bf16 on a GPU with cupy, K % 32 == 0 and N % 16 == 0."""
+    if not (ENABLED and x.is_cuda and x.dim() == 2 and 1 <= x.shape[0] <= MAX_TOKENS and _cupy.available(x)):
+        return False
+    N, K = weight.shape
+    return (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and x.shape[1] == K
+            and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and K % 32 == 0 and N % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """The same math in float32 (the kernel accumulates in fp32, rounds once at the store)."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, config: DenseConfig = None) -> torch.Tensor:
+    """x: [M, K] (M <= 8), weight: [N, K] of x's dtype -> y: [M, N]. Callers check `supports` first."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if not 1 <= M <= MAX_TOKENS:
+        raise ValueError(f"dense_decode takes 1..{MAX_TOKENS} tokens, got {M}")
+    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K % 32 == 0 and N % 16 == 0
+    cfg = config or default_config(N, K)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, "dense_decode", cfg.options(x.dtype), x.device.index)
+    bias_arg = bias.to(x.dtype).contiguous() if bias is not None else np.uint64(0)
+    _cupy.launch(kernel, (N // 16,), (cfg.ks * 32,),
+                 (weight, x, bias_arg, y, np.int32(M), np.int32(N), np.int32(K), np.int32(cfg.per_warp(K))))
+    return y
