@@ -58,7 +58,7 @@ def test_mma_decode_matches_reference(hq, hk, d, bs, kv_dtype, partition):
     torch.testing.assert_close(got, pa.paged_attention_ref(q, layer, meta, scale), **TOL[torch.float16])
 
 
-@pytest.mark.parametrize("raw", [0, 1])
+@pytest.mark.parametrize("raw", ["none", "all"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_raw_and_exact_codes_both_match_reference(monkeypatch, kv_dtype, dtype, raw):

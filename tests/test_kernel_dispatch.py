@@ -78,3 +78,27 @@ def test_integer_env_knobs_are_refused_by_name(name, value, shown):
                        env=env, capture_output=True, text=True)
     assert r.returncode != 0
     assert f"{name} must be an integer >= 1, got {shown}" in r.stderr
+
+
+@pytest.mark.parametrize("name,value,allowed", [("LMTRITON_ATTN_RAW_CODES", "int2", "none, int4, all"),
+                                                ("LMTRITON_W4A16_DECODE_LEAN", "yes", "auto, 0, 1")])
+def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
+    import subprocess
+    import sys
+    env = dict(os.environ, **{name: value})
+    r = subprocess.run([sys.executable, "-c", "import backend.kernels.w4a16, backend.kernels.paged_attention"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert f"{name} must be one of {allowed}, got '{value}'" in r.stderr
+
+
+def test_lean_decode_gemv_is_the_default_at_group_128_only(monkeypatch):
+    from backend.kernels import w4a16_decode
+    monkeypatch.setattr(w4a16_decode._cupy, "sm_count", lambda device: 132)
+    assert w4a16_decode.default_config(4096, 4096, 128, 0).lean
+    assert not w4a16_decode.default_config(4096, 4096, 64, 0).lean
+    assert not w4a16_decode.default_config(4096, 4096, 32, 0).lean
+    monkeypatch.setattr(w4a16_decode, "LEAN", "1")
+    assert w4a16_decode.default_config(4096, 4096, 32, 0).lean
+    monkeypatch.setattr(w4a16_decode, "LEAN", "0")
+    assert not w4a16_decode.default_config(4096, 4096, 128, 0).lean

@@ -201,6 +201,14 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """A string tuning knob from the environment, refused by name when it is not one of `choices`."""
+    value = os.environ.get(name, default)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")
 _PDL_MODES = ("auto", "0", "1")
 

@@ -45,10 +45,12 @@ MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp
 # 16 x 4k went 0.077 -> 0.071 ms; none for int8/int4, which slowed (0.055 -> 0.062 ms), nor head_dim 64 (15:5 x 64
 # 0.025 -> 0.030 ms); 5-8 slower for all; H200, docs/benchmarks.md)
 MMA_MINB = 0
-# tensor-core kernel, int8/int4 caches: 1 = codes enter the mma as MAGIC + c with the offset folded into the zero
-# points (paged_attention_mma.py, RAW); 0 = the measured exact-code path (subtract, then dequantize V in registers).
-# Off until RAW has run on a GPU (it compiles for every variant; never timed or tested there).
-MMA_RAW = _cupy.env_int("LMTRITON_ATTN_RAW_CODES", 0, minimum=0)
+# tensor-core kernel: which quantized caches take RAW codes (MAGIC + c into the mma, the offset folded into the zero
+# points; paged_attention_mma.py) instead of exact codes (subtract, then dequantize V in registers). H100,
+# 2026-12-06, 16 x 4k (docs/benchmarks.md, session 5): int4 GQA 32:8 48.3 -> 44.0 us, MHA 136.8 -> 119.4 us; int8
+# slower (64.4 -> 66.7, 204 -> 210 us), so "int4" (LMTRITON_ATTN_RAW_CODES=int4|all|none).
+_RAW_KINDS = {"none": (), "int4": ("int4",), "all": ("int8", "int4")}
+MMA_RAW = _cupy.env_choice("LMTRITON_ATTN_RAW_CODES", "int4", tuple(_RAW_KINDS))
 _LOG2E = 1.4426950408889634
 
 
@@ -155,7 +157,7 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
     if mma:
         minb = MMA_MINB or (4 if layer.kv_dtype == "auto" and d == 128 else 0)
         tiles = ((f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()) + ((f"-DMINB={minb}",) if minb else ()) + (
-            f"-DRAW_CODES={int(bool(MMA_RAW))}",)
+            f"-DRAW_CODES={int(layer.kv_dtype in _RAW_KINDS[MMA_RAW])}",)
         kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles)
         grid = (hk, b, nsplit)
     else:

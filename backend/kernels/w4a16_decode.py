@@ -12,7 +12,7 @@ A block owns NT n-tiles of 16 output channels; its KS warps split the k-chunks o
 start on a group boundary (or, IL, take interleaved batches so that the block reads KS * U adjacent chunks a
 step: faster for long K), and meet in shared memory at the end. With PDL (_cupy) the first batch of weights is
 loaded before the kernel waits for the previous one.
-The lean kernel (w4a16_decode_lean, DecodeConfig.lean, LMTRITON_W4A16_DECODE_LEAN=1) has no bounds checks in its
+The lean kernel (w4a16_decode_lean, DecodeConfig.lean; the default at group 128) has no bounds checks in its
 main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, so no register copies), every load
 is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a time. Lanes past the last token read token 0's activations instead of zeros (their
 output columns are never stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
@@ -31,9 +31,10 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 MAX_TOKENS = 8   # one 8-token mma tile
-# LMTRITON_W4A16_DECODE_LEAN=1: the bounds-check-free kernel by default. Off until it has run on a GPU: it compiles
-# (NVRTC, every variant) and its static SASS is ~40% shorter a chunk, but it has never been timed or tested there.
-LEAN = bool(_cupy.env_int("LMTRITON_W4A16_DECODE_LEAN", 0, minimum=0))
+# Where default_config takes the lean kernel: "auto" = group 128 (H100, 2026-12-06, M=1: 4096x4096 5.55 -> 4.63 us,
+# 4096x11008 12.6 -> 10.2, 11008x4096 10.8 -> 9.3; group 32 slower, 6.59 -> 6.93; group 64 not measured), 1 = every
+# group, 0 = never (LMTRITON_W4A16_DECODE_LEAN).
+LEAN = _cupy.env_choice("LMTRITON_W4A16_DECODE_LEAN", "auto", ("auto", "0", "1"))
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
@@ -356,7 +357,7 @@ class DecodeConfig:
     u: int = 4    # chunks of 64 k loaded per batch (u * 16 bytes in flight a lane per n-tile)
     l2pf: bool = False   # weight loads with the .L2::256B prefetch hint
     il: bool = False     # warps take interleaved batches of u chunks instead of contiguous ranges
-    lean: bool = False   # the bounds-check-free kernel (w4a16_decode_lean); default: LEAN
+    lean: bool = False   # the bounds-check-free kernel (w4a16_decode_lean); default_config: per LEAN
 
     @property
     def kernel_name(self) -> str:
@@ -384,7 +385,8 @@ def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig
         ks //= 2
     u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
     # long K at group 128 (down_proj): interleaved batches, 11.7 -> 10.9 us at 11008x4096 (--sweep 1, H200)
-    return DecodeConfig(nt=1, ks=ks, u=u, il=u == 4 and group_size == 128 and nchunks >= 128, lean=LEAN)
+    lean = LEAN == "1" or (LEAN == "auto" and group_size == 128)
+    return DecodeConfig(nt=1, ks=ks, u=u, il=u == 4 and group_size == 128 and nchunks >= 128, lean=lean)
 
 
 def supports_tokens(M: int) -> bool:
