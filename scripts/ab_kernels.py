@@ -1,0 +1,98 @@
+"""Session-5 kernels against what they replace, one process, CUDA-graph timing (scripts/bench_timing.graph_ms):
+- W4A16 decode GEMV: the measured kernel vs the lean one at the same block configuration, and the lean sweep's best;
+- dense decode GEMV (dense_decode.py) vs cuBLAS (F.linear), and its sweep's best;
+- tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again).
+Every time also as a fraction of the copy bandwidth measured in the same run.
+    PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from backend.kernels import dense_decode, paged_attention as pa, w4a16_decode
+from backend.kernels.w4a16_decode import DecodeConfig
+from scripts import bench_attention
+from scripts.bench_kernels import awq_pool, copy_bandwidth, dense_pool, dense_sweep_configs, over
+from scripts.bench_timing import graph_ms
+
+W4A16_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 22016)]
+DENSE_SHAPES = [(4096, 4096), (4096, 12288), (4096, 22016), (11008, 4096), (4096, 32000)]   # last: lm_head
+
+
+def frac(r: dict, nbytes: int, bw: float) -> dict:
+    for k in [k for k in r if k.endswith("_us")]:
+        r[k[:-3] + "_frac"] = round(nbytes / (r[k] / 1e6) / bw, 3)
+    return r
+
+
+def w4a16_rows(bw: float) -> list:
+    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=True) for ks in (4, 8, 16) for u in (2, 4) for il in (0, 1)]
+    rows = []
+    for K, N in W4A16_SHAPES:
+        for group in (128, 32) if (K, N) == (4096, 4096) else (128,):
+            pool, nbytes = awq_pool(K, N, group, int_zeros=True)
+            for M in (1, 8):
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                cfg = dataclasses.replace(w4a16_decode.default_config(N, K, group, 0), lean=False)
+
+                def us(c):
+                    return graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, c)), len(pool)) * 1e3
+                r = dict(K=K, N=N, g=group, M=M, cfg=str(cfg), old_us=us(cfg), new_us=us(dataclasses.replace(cfg, lean=True)))
+                if M == 1 and group == 128:
+                    r["best_us"], r["best_cfg"] = min((us(c), str(c)) for c in sweep)
+                rows.append(frac(r, nbytes + M * K * 2, bw))
+                print(json.dumps(rows[-1]), flush=True)
+            del pool
+    return rows
+
+
+def dense_rows(bw: float) -> list:
+    rows = []
+    for K, N in DENSE_SHAPES:
+        pool = dense_pool(K, N)
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+
+        def us(fn):
+            return graph_ms(over(pool, fn), len(pool)) * 1e3
+        r = dict(K=K, N=N, M=1, cublas_us=us(lambda w: F.linear(x, w)), ours_us=us(lambda w: dense_decode.gemv(x, w)))
+        r["best_us"], r["best_cfg"] = min((us(lambda w: dense_decode.gemv(x, w, None, c)), str(c))
+                                          for c in dense_sweep_configs())
+        rows.append(frac(r, (K * N + K) * 2, bw))
+        print("dense", json.dumps(rows[-1]), flush=True)
+        del pool
+    return rows
+
+
+def attention_rows(bw: float) -> list:
+    rows = []
+    for shape in ((32, 8, 128), (32, 32, 128)):
+        for kv in ("auto", "int8", "int4"):
+            r = {"shape": shape, "kv": kv}
+            for name, raw in (("old", "none"), ("new", "all"), ("old2", "none")):
+                pa.MMA_RAW = raw
+                r[name] = bench_attention.bench_decode(shape, kv, bw, impl="mma")["ms"] * 1e3
+            if kv == "auto":
+                r["cuda"] = bench_attention.bench_decode(shape, kv, bw, impl="cuda")["ms"] * 1e3
+            rows.append(r)
+            print("attention", json.dumps(r), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    out = (argv or sys.argv[1:])[0]
+    bw = copy_bandwidth()
+    res = dict(device=torch.cuda.get_device_name(), copy_bw_GBps=bw / 1e9)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    res["w4a16"], res["dense"], res["attention"] = w4a16_rows(bw), dense_rows(bw), attention_rows(bw)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
