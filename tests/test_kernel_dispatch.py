@@ -70,26 +70,23 @@ def test_rotary_write_kv_names_a_bad_hadamard_mode():
                                               ("LMTRITON_ATTN_SPLIT_CTAS", "0", "0"),
                                               ("LMTRITON_W4A16_SPLITK_MIN", "3.5", "'3.5'")])
 def test_integer_env_knobs_are_refused_by_name(name, value, shown):
-    # the knobs are read at import: a fresh interpreter with the bad value set
+    assert f"{name} must be an integer >= 1, got {shown}" in _import_error_with(name, value)
+
+
+def _import_error_with(name: str, value: str) -> str:
+    """stderr of importing the kernels in a fresh interpreter with `name=value` (the knobs are read at import)."""
     import subprocess
     import sys
-    env = dict(os.environ, **{name: value})
     r = subprocess.run([sys.executable, "-c", "import backend.kernels.w4a16, backend.kernels.paged_attention"],
-                       env=env, capture_output=True, text=True)
+                       env=dict(os.environ, **{name: value}), capture_output=True, text=True)
     assert r.returncode != 0
-    assert f"{name} must be an integer >= 1, got {shown}" in r.stderr
+    return r.stderr
 
 
 @pytest.mark.parametrize("name,value,allowed", [("LMTRITON_ATTN_RAW_CODES", "int2", "none, int4, all"),
                                                 ("LMTRITON_W4A16_DECODE_LEAN", "yes", "auto, 0, 1")])
 def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
-    import subprocess
-    import sys
-    env = dict(os.environ, **{name: value})
-    r = subprocess.run([sys.executable, "-c", "import backend.kernels.w4a16, backend.kernels.paged_attention"],
-                       env=env, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert f"{name} must be one of {allowed}, got '{value}'" in r.stderr
+    assert f"{name} must be one of {allowed}, got '{value}'" in _import_error_with(name, value)
 
 
 def test_lean_decode_gemv_is_the_default_at_group_128_only(monkeypatch):
