@@ -14,8 +14,9 @@ step: faster for long K), and meet in shared memory at the end. With PDL (_cupy)
 loaded before the kernel waits for the previous one.
 The lean kernel (w4a16_decode_lean, DecodeConfig.lean; the default at group 128) has no bounds checks in its
 main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, so no register copies), every load
-is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a time. Lanes past the last token read token 0's activations instead of zeros (their
-output columns are never stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
+is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a
+time. Lanes past the last token read token 0's activations instead of zeros (their output columns are never
+stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
 A per-lane cp.async shared-memory ring (more bytes in flight, no registers held) measured no faster (H200,
 2026-11-22: 11008x4096 12.1-25 us against 11.7), and neither did an L2 prefetch of the warp's next chunks before
 the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 413 with 16 chunks): not kept.
@@ -53,6 +54,30 @@ __device__ __forceinline__ u32 ld_u16(const u16* p) {
 }
 __device__ __forceinline__ float lo_to_float(u32 pair) { return act_to_float((u16)(pair & 0xFFFFu)); }
 __device__ __forceinline__ float hi_to_float(u32 pair) { return act_to_float((u16)(pair >> 16)); }
+
+// The block's warps meet in shared memory: sum their accumulators, add the bias, store y of the block's tiles.
+// acc[j][r]: channel 16*(nt0+j) + g + 8*(r/2), token 2t + (r%2)
+__device__ __forceinline__ void store_warp_sums(const float (&acc)[NT][4], int warp, int lane, int nt0, int ntiles,
+                                                int M, int N, const u16* __restrict__ bias, u16* __restrict__ y) {
+    __shared__ float red[KS][NT * 4][32];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[warp][j * 4 + r][lane] = acc[j][r];
+    __syncthreads();
+    for (int v = threadIdx.x; v < NT * 4 * 32; v += KS * 32) {
+        const int l = v & 31, vi = v >> 5, j = vi >> 2, r = vi & 3;
+        const int tile = nt0 + j;
+        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
+        const int tok = 2 * (l & 3) + (r & 1);
+        if (tile >= ntiles || tok >= M) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) s += red[k][vi][l];
+        if (bias) s += act_to_float(bias[n]);
+        y[(size_t)tok * N + n] = float_to_act(s);
+    }
+}
 
 // Where a lane reads its weights, zero points and scales of each n-tile; advanced a batch at a time, so every load
 // of a batch is the pointer plus an immediate offset.
@@ -133,7 +158,6 @@ extern "C" __global__ void __launch_bounds__(KS * 32)
 w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
              const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
              int M, int N, int K, int per_warp) {
-    __shared__ float red[KS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
@@ -194,35 +218,17 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
         xp += CPG * 64;
     }
 
-    // acc[j][r]: channel 16*(nt0+j) + g + 8*(r/2), token 2t + (r%2)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) red[warp][j * 4 + r][lane] = acc[j][r];
-    __syncthreads();
-    for (int v = threadIdx.x; v < NT * 4 * 32; v += KS * 32) {
-        const int l = v & 31, vi = v >> 5, j = vi >> 2, r = vi & 3;
-        const int tile = nt0 + j;
-        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
-        const int tok = 2 * (l & 3) + (r & 1);
-        if (tile >= ntiles || tok >= M) continue;
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < KS; ++k) s += red[k][vi][l];
-        if (bias) s += act_to_float(bias[n]);
-        y[(size_t)tok * N + n] = float_to_act(s);
-    }
+    store_warp_sums(acc, warp, lane, nt0, ntiles, M, N, bias, y);
 }
 
-// The measured kernel (bounds checks in the loop, register copies between batches): the default until the lean one
-// above has run on a GPU.
+// The first kernel (bounds checks in the loop, register copies between batches): default_config's choice below
+// group 128, where the lean one measured slower (group 32) or was not timed (group 64).
 #define GPB ((2 * U + HALVES_PER_GROUP - 1) / HALVES_PER_GROUP)   // groups a batch of U chunks touches
 
 extern "C" __global__ void __launch_bounds__(KS * 32)
 w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
              const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
              int M, int N, int K, int per_warp) {
-    __shared__ float red[KS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
@@ -328,24 +334,7 @@ w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const
         }
     }
 
-    // acc[j][r]: channel 16*(nt0+j) + g + 8*(r/2), token 2t + (r%2)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) red[warp][j * 4 + r][lane] = acc[j][r];
-    __syncthreads();
-    for (int v = threadIdx.x; v < NT * 4 * 32; v += KS * 32) {
-        const int l = v & 31, vi = v >> 5, j = vi >> 2, r = vi & 3;
-        const int tile = nt0 + j;
-        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
-        const int tok = 2 * (l & 3) + (r & 1);
-        if (tile >= ntiles || tok >= M) continue;
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < KS; ++k) s += red[k][vi][l];
-        if (bias) s += act_to_float(bias[n]);
-        y[(size_t)tok * N + n] = float_to_act(s);
-    }
+    store_warp_sums(acc, warp, lane, nt0, ntiles, M, N, bias, y);
 }
 """
 
