@@ -27,6 +27,11 @@ def test_supports_only_gpu_decode_shapes():
         dense_decode.gemv(torch.randn(9, 128, dtype=torch.float16), w)
 
 
+def test_linear_falls_back_to_f_linear_where_unsupported():
+    x, w, b = torch.randn(3, 64), torch.randn(32, 64), torch.randn(32).half()   # CPU, fp32 x, fp16 bias
+    torch.testing.assert_close(dense_decode.linear(x, w, b), torch.nn.functional.linear(x, w, b.float()))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("K,N", [(576, 960), (1536, 576), (576, 49152), (4096, 4096), (11008, 4096), (96, 32)])

@@ -143,6 +143,13 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """y = x W^T (+ b): this kernel where `supports` says so (decode), else F.linear (cuBLAS, or the CPU)."""
+    if supports(x, weight):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, config: DenseConfig = None) -> torch.Tensor:
     """x: [M, K] (M <= 8), weight: [N, K] of x's dtype -> y: [M, N]. Callers check `supports` first."""
     M, K = x.shape

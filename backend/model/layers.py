@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels import dense_decode, w4a16
 from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
@@ -68,7 +67,4 @@ class Linear:
         if self.is_quantized and x.is_cuda and (self.qweight is not None or (
                 w4a16._cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16))):
             return w4a16.w4a16_linear(x, self)
-        w = self.dense_weight().to(x.dtype)
-        if dense_decode.supports(x, w):      # decode: the streaming tensor-core GEMV, faster than cuBLAS here
-            return dense_decode.gemv(x, w, self.bias)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return dense_decode.linear(x, self.dense_weight().to(x.dtype), self.bias)

@@ -133,7 +133,4 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, hidden] -> float32 logits [B, vocab]."""
-        w = self.lm_head.to(hidden.dtype)
-        if dense_decode.supports(hidden, w):
-            return dense_decode.gemv(hidden, w).float()
-        return F.linear(hidden, w).float()
+        return dense_decode.linear(hidden, self.lm_head.to(hidden.dtype)).float()
