@@ -60,9 +60,8 @@ typedef unsigned int u32;
 #define MAGIC 0x64006400u
 #define MAGIC_F 1024.f
 #endif
-// RAW: quantized codes enter the mma as MAGIC + c, one prmt or lop3 a register and no subtraction; the offset folds
-// into the zero point: q.k = s q.(M + c) + (z - M s) sum q, and sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t)(M + c_t)
-// + sum_t p_t (z_t - M s_t), the last a per-head scalar carried like l. Not bf16 int8: 128 + c is exact below 128 only.
+// RAW: quantized codes enter the mma as MAGIC + c and the offset folds into the zero points (the docstring has the
+// algebra). Not bf16 int8: 128 + c is exact below 128 only.
 #ifndef RAW_CODES
 #define RAW_CODES 1
 #endif
