@@ -169,8 +169,12 @@ def test_client_disconnect_cancels_the_triton_request(gateway, triton_server):
     body = {"model": triton_server.model, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=60) as r:
-        events = list(itertools.islice((x for x in r.iter_lines() if x.startswith("data:")), 3))
+        # `lines` keeps the response's byte iterator referenced: a generator chain that is garbage-collected closes
+        # httpcore's stream, i.e. the connection, which made this test race its own early disconnect
+        lines = r.iter_lines()
+        events = list(itertools.islice((x for x in lines if x.startswith("data:")), 3))
         assert len(events) == 3 and json.loads(events[-1][5:])["choices"][0]["text"] is not None
+        time.sleep(1.0)          # >> the cancellation check: a connected client that reads slowly keeps its request
         _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 1, "the request to run")
     _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 0,
               "the request to stop after its HTTP client disconnected")
