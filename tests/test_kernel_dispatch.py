@@ -93,9 +93,12 @@ def test_lean_decode_gemv_is_the_default_at_group_128_only(monkeypatch):
     from backend.kernels import w4a16_decode
     monkeypatch.setattr(w4a16_decode._cupy, "sm_count", lambda device: 132)
     assert w4a16_decode.default_config(4096, 4096, 128, 0).lean
+    assert all(w4a16_decode.default_config(n, k, 128, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
     assert not w4a16_decode.default_config(4096, 4096, 64, 0).lean
     assert not w4a16_decode.default_config(4096, 4096, 32, 0).lean
     monkeypatch.setattr(w4a16_decode, "LEAN", "1")
     assert w4a16_decode.default_config(4096, 4096, 32, 0).lean
     monkeypatch.setattr(w4a16_decode, "LEAN", "0")
     assert not w4a16_decode.default_config(4096, 4096, 128, 0).lean
+    assert not w4a16_decode.default_config(4096, 4096, 128, 0).il      # the measured kernel: long K only
+    assert w4a16_decode.default_config(4096, 11008, 128, 0).il

@@ -373,9 +373,12 @@ def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
     u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
-    # long K at group 128 (down_proj): interleaved batches, 11.7 -> 10.9 us at 11008x4096 (--sweep 1, H200)
     lean = LEAN == "1" or (LEAN == "auto" and group_size == 128)
-    return DecodeConfig(nt=1, ks=ks, u=u, il=u == 4 and group_size == 128 and nchunks >= 128, lean=lean)
+    # interleaved batches at group 128: for the measured kernel at long K (down_proj), 11.7 -> 10.9 us at 11008x4096
+    # (--sweep 1, H200); for the lean kernel at every shape it was timed at, its sweep's best (H100, M=1, ab_kernels):
+    # 4096x4096 4.63 -> 4.17 us, 4096x22016 19.1 -> 17.9 us, 11008x4096 (already interleaved) 9.28 us
+    il = group_size == 128 and (lean or (u == 4 and nchunks >= 128))
+    return DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=lean)
 
 
 def supports_tokens(M: int) -> bool:
