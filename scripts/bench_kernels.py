@@ -14,7 +14,6 @@ launch overhead nor cache hits flatter the number; median of 5 timed replays.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -146,7 +145,7 @@ def bench_gemv(bw, groups, tokens, sweep):
                 total = nbytes + M * K * 2
                 ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
                 ms_int = graph_ms(over(pool_int, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool_int))
-                lean = dataclasses.replace(w4a16_decode.default_config(N, K, group, 0), lean=True)
+                lean = w4a16_decode.default_config(N, K, group, 0, lean=True)
                 ms_lean = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, lean)), len(pool))
                 ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))

@@ -7,7 +7,6 @@ GPU tolerances (relative to the fp32 reference `w4a16_linear_ref`, which dequant
   ||y - ref|| / ||ref|| < 1.5e-2.
 Every element is also checked: |y - ref| <= tol * max|ref| (tol 1e-2 fp16, 4e-2 bf16).
 """
-import dataclasses
 
 import numpy as np
 import pytest
@@ -202,8 +201,8 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
             _check(w4a16_gemm.gemm(x, rt, bias, w4a16_gemm.splitk_config(M, N, K, 132)), ref, dtype)
         if M <= 8:
             _check(w4a16_decode.gemv(x, rt, bias), ref, dtype)
-            lean = dataclasses.replace(w4a16_decode.default_config(N, K, group, 0), lean=True)
-            _check(w4a16_decode.gemv(x, rt, bias, lean), ref, dtype)
+            for lean in (False, True):                              # both kernels at their default configurations
+                _check(w4a16_decode.gemv(x, rt, bias, w4a16_decode.default_config(N, K, group, 0, lean)), ref, dtype)
         _check(w4a16_gemm.gemm(x, rt, bias), ref, dtype)
     _check(w4a16_gemm.dequant_matmul(x, rt, bias), ref, dtype)
 

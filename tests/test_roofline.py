@@ -36,9 +36,11 @@ def test_batch_64_budget(res):
     assert a["linear_budget_ms"] == pytest.approx(a["target_step_ms"] - a["attention_ms"] - a["other_ms"])
     assert a["linear_budget_attn_at_bw_ms"] == pytest.approx(a["target_step_ms"] - 1e3 * kv / bw - a["other_ms"])
     flops = 2 * 64 * roofline.layer_linear_params(roofline.shape_of("llama2-7b"))
-    assert a["linear_tflops_needed_attn_at_bw"] == pytest.approx(flops / (a["linear_budget_attn_at_bw_ms"] / 1e3) / 1e12)
+    budget_s = a["linear_budget_attn_at_bw_ms"] / 1e3
+    assert a["linear_tflops_needed_attn_at_bw"] == pytest.approx(flops / budget_s / 1e12)
     # what the measured profile says: more than the measured fp16 matmul rate is needed unless attention speeds up
-    assert a["linear_tflops_needed"] > a["matmul_tflops"] > a["linear_tflops_needed_attn_at_bw"] > a["linear_tflops_measured"]
+    assert (a["linear_tflops_needed"] > a["matmul_tflops"] > a["linear_tflops_needed_attn_at_bw"]
+            > a["linear_tflops_measured"])
 
 
 def test_cli_and_unknown_batch(res, tmp_path, capsys):

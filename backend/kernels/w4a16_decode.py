@@ -24,6 +24,7 @@ the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 41
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -363,17 +364,18 @@ class DecodeConfig:
         return -(-(-(-nchunks // self.ks)) // cpg) * cpg
 
 
-def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
+def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[bool] = None) -> DecodeConfig:
     """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
     8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)
-    or at group 32."""
+    or at group 32. `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
     sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
     u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
-    lean = LEAN == "1" or (LEAN == "auto" and group_size == 128)
+    if lean is None:
+        lean = LEAN == "1" or (LEAN == "auto" and group_size == 128)
     # interleaved batches at group 128: for the measured kernel at long K (down_proj), 11.7 -> 10.9 us at 11008x4096
     # (--sweep 1, H200); for the lean kernel at every shape it was timed at, its sweep's best (H100, M=1, ab_kernels):
     # 4096x4096 4.63 -> 4.17 us, 4096x22016 19.1 -> 17.9 us, 11008x4096 (already interleaved) 9.28 us
