@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The session-5 kernels (lean W4A16 decode GEMV, dense decode GEMV, RAW-code attention) against what they replace,
-# in one device call (~3 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end with each switch off and
+# in one device call (~4 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end with each switch off and
 # at its default, twice, interleaved (scripts/bench_decode.py; the switches are read at import).
 #   bash scripts/bench_session5.sh "$OUT"      ->  $OUT/session5/*.json, $OUT/session5/summary.txt
 set -u
@@ -9,7 +9,7 @@ d=$out/session5
 mkdir -p "$d"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$d/summary.txt"
-timeout 200 python3 scripts/ab_kernels.py "$d/ab_kernels.json" > "$d/ab_kernels.log" 2>&1
+timeout 300 python3 scripts/ab_kernels.py "$d/ab_kernels.json" > "$d/ab_kernels.log" 2>&1
 off="LMTRITON_DENSE_GEMV=0 LMTRITON_W4A16_DECODE_LEAN=0 LMTRITON_ATTN_RAW_CODES=none"
 for i in 1 2; do
     for q in "" "--quant awq --kv int8"; do
