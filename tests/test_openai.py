@@ -180,6 +180,18 @@ def test_client_disconnect_cancels_the_triton_request(gateway, triton_server):
               "the request to stop after its HTTP client disconnected")
 
 
+def test_client_leaving_a_non_stream_request_cancels_it(gateway, triton_server):
+    body = {"model": triton_server.model, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+    before = metric_value(triton_server, "lmtriton_generated_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):           # the client gives up long before 400 tokens (~35 s on 2 cores)
+        httpx.post(f"{gateway}/v1/completions", json=body, timeout=httpx.Timeout(30.0, read=2.0))
+    _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 0,
+              "the request to stop after its HTTP client left")
+    time.sleep(1.0)                                  # the token counter is flushed every 0.25 s
+    made = metric_value(triton_server, "lmtriton_generated_tokens_total") - before
+    assert 0 < made < 400, made
+
+
 def _wait_for(cond, what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
