@@ -3,6 +3,7 @@ engine behind every frontend instance, and a clear error for each bad input."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -85,6 +86,26 @@ def test_cancel_mid_stream_frees_kv_blocks(served):
     assert _wait_for(lambda: metric(served, "lmtriton_kv_blocks_used") == idle, 60)
     assert metric(served, "lmtriton_requests_running") == 0
     assert len(got) < 400
+
+
+def test_http_stream_client_leaving_cancels_the_request(served):
+    """Triton's HTTP frontend cancels a generate_stream request whose connection closed; the backend stops it."""
+    host, port = served.http_url.rsplit(":", 1)
+    body = json.dumps({"text_input": "Tell me a long story about a dragon.", "max_tokens": 400, "ignore_eos": True,
+                       "stream": True}).encode()
+    before = metric(served, "lmtriton_generated_tokens_total")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v2/models/llm/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while data.count(b"data:") < 3:
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+        assert _wait_for(lambda: metric(served, "lmtriton_requests_running") == 1, 10)
+    assert _wait_for(lambda: metric(served, "lmtriton_requests_running") == 0, 20)
+    time.sleep(1.0)                                  # the token counter is flushed every 0.25 s
+    assert 3 <= metric(served, "lmtriton_generated_tokens_total") - before < 400
 
 
 def test_instances_share_one_engine_process(served):
