@@ -2,7 +2,9 @@
 - W4A16 decode GEMV: the measured kernel vs the lean one, each at its default block configuration, and the whole
   lean sweep at one token (sorted; the best alone is one noisy sample);
 - dense decode GEMV (dense_decode.py) vs cuBLAS (F.linear), and its whole sweep;
-- tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again).
+- tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again);
+- gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
+  sweep of the fused kernel's configurations.
 Every time also as a fraction of the copy bandwidth measured in the same run.
     PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json
 """
@@ -72,6 +74,31 @@ def dense_rows(bw: float) -> list:
     return rows
 
 
+def silu_rows(bw: float) -> list:
+    """The gate_up projection of Llama-2-7B then SiLU·mul: two kernels (lean GEMV + silu_and_mul) vs gemv_silu."""
+    from backend.kernels.activation import silu_and_mul
+    rows = []
+    K, N = 4096, 22016
+    pool, nbytes = awq_pool(K, N, 128, int_zeros=True)
+    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=True) for ks in (8, 16) for u in (2, 4) for il in (0, 1)]
+    for M in (1, 8):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+
+        def us(fn):
+            return graph_ms(over(pool, fn), len(pool)) * 1e3
+        r = dict(K=K, N=N, g=128, M=M, two_kernels_us=us(lambda lin: silu_and_mul(w4a16_decode.gemv(x, lin.runtime))),
+                 gemv_only_us=us(lambda lin: w4a16_decode.gemv(x, lin.runtime)),
+                 fused_us=us(lambda lin: w4a16_decode.gemv_silu(x, lin.runtime)),
+                 fused_cfg=str(w4a16_decode.gated_config(N, K, 128, 0)))
+        if M == 1:
+            r["sweep"] = sorted((round(us(lambda lin: w4a16_decode.gemv_silu(x, lin.runtime, None, c)), 3), str(c))
+                                for c in sweep)
+        rows.append(frac(r, nbytes + M * K * 2, bw))
+        print("silu", json.dumps(rows[-1]), flush=True)
+    del pool
+    return rows
+
+
 def attention_rows(bw: float) -> list:
     rows = []
     for shape in ((32, 8, 128), (32, 32, 128)):
@@ -93,6 +120,7 @@ def main(argv=None) -> int:
     res = dict(device=torch.cuda.get_device_name(), copy_bw_GBps=bw / 1e9)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     res["w4a16"], res["dense"], res["attention"] = w4a16_rows(bw), dense_rows(bw), attention_rows(bw)
+    res["fused_silu"] = silu_rows(bw)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     return 0

@@ -208,6 +208,36 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
+@pytest.mark.parametrize("cfg", [None, (2, 1, 0), (2, 2, 1), (8, 4, 0), (8, 2, 1), (16, 4, 1), (16, 1, 0), (6, 8, 1),
+                                 (4, 8, 0)])
+def test_gemv_silu_equals_silu_of_the_gemv(gpu_linears, group, frac, cfg):
+    """silu(gate) * up in the lean GEMV's epilogue vs the fp32 reference of the [gate | up] projection, then SiLU·mul:
+    K=1216/1280 (uneven whole-group ranges, warps with none), I=864 (54 tiles), biases on, 1-8 tokens."""
+    import torch.nn.functional as F
+    from backend.kernels.w4a16_decode import DecodeConfig, gemv_silu
+    lin = gpu_linears(1280 if group == 128 else 1216, 1728, group, frac)
+    rt = w4a16.prepare(lin)
+    config = None if cfg is None else DecodeConfig(nt=1, ks=cfg[0], u=cfg[1], il=bool(cfg[2]), lean=True)
+    for M in (1, 3, 8):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
+            gate, up = _ref(x, lin).chunk(2, dim=-1)
+            _check(gemv_silu(x, rt, lin.bias.to(dtype), config), F.silu(gate) * up, dtype)
+
+
+def test_gemv_silu_refuses_what_it_cannot_fuse():
+    from backend.kernels.w4a16_decode import gemv_silu
+    _, _, s, q, z = _random_awq(128, 48, 64)
+    with pytest.raises(ValueError, match="I a multiple of 16, got 1 tokens and 48 rows"):    # I = 24
+        gemv_silu(torch.zeros(1, 128, dtype=torch.float16), repack(q, z, s, 64))
+    _, _, s, q, z = _random_awq(128, 64, 64)
+    with pytest.raises(ValueError, match="got 9 tokens"):
+        gemv_silu(torch.zeros(9, 128, dtype=torch.float16), repack(q, z, s, 64))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 0), (1, 2, 4, 4, 0), (2, 1, 8, 4, 1), (4, 2, 2, 2, 0), (1, 4, 8, 3, 1),
                                  (2, 2, 16, 3, 0), (1, 4, 16, 2, 1), (1, 2, 4, 3, 1)])
 def test_gemv_configs_agree(gpu_linears, cfg):

@@ -17,6 +17,10 @@ main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, s
 is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a
 time. Lanes past the last token read token 0's activations instead of zeros (their output columns are never
 stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
+gemv_silu (GATED, lean kernel only; LMTRITON_FUSE_SILU=1 in the model, off by default): for a fused [gate | up]
+weight a block runs gate tile t on half its warps and up tile t + I/16 on the other half and stores silu(gate) * up,
+so the MLP's silu_and_mul launch goes away at 1-8 tokens (written without a GPU: compiled for 180 configurations,
+the non-gated kernels' SASS unchanged; its tests and timing are still to be run on the device).
 A per-lane cp.async shared-memory ring (more bytes in flight, no registers held) measured no faster (H200,
 2026-11-22: 11008x4096 12.1-25 us against 11.7), and neither did an L2 prefetch of the warp's next chunks before
 the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 413 with 16 chunks): not kept.
@@ -46,6 +50,12 @@ _SOURCE = DEVICE_HELPERS + r"""
 #define GROUPS_IN(UB) ((UB) * 64 / (GROUP_SIZE))          // groups in UB chunks (UB a multiple of CPG)
 #define HALVES_PER_GROUP ((GROUP_SIZE) / 32)              // a lane's k-range of one chunk is two halves of 32
 #define UB_MAIN (((U) + CPG - 1) / CPG * CPG)             // chunks a batch: U rounded up to whole groups
+// GATED (lean kernel, NT 1): the weight is a fused [gate | up] projection of 2I rows; block t computes gate tile t
+// with its first KS/2 warps and up tile t + I/16 with the others, and stores silu(gate) * up: y is [M, I]
+#ifndef GATED
+#define GATED 0
+#endif
+#define KSPLIT (GATED ? (KS) / 2 : (KS))                   // warps splitting K over one tile
 
 __device__ __forceinline__ u32 ld_u32(const u32* p) {
     u32 r; asm("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p)); return r;
@@ -79,6 +89,31 @@ __device__ __forceinline__ void store_warp_sums(const float (&acc)[NT][4], int w
         y[(size_t)tok * N + n] = float_to_act(s);
     }
 }
+
+#if GATED
+// The gate warps' and the up warps' sums of the block's 16 channels meet in shared memory: y = silu(gate) * up,
+// rounded once (the unfused path rounds gate and up to the activation type first).
+__device__ __forceinline__ void store_gated(const float (&acc)[NT][4], int warp, int lane, int tile, int M, int I,
+                                            const u16* __restrict__ bias, u16* __restrict__ y) {
+    __shared__ float red[KS][4][32];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) red[warp][r][lane] = acc[0][r];
+    __syncthreads();
+    for (int v = threadIdx.x; v < 4 * 32; v += KS * 32) {
+        const int l = v & 31, r = v >> 5;
+        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
+        const int tok = 2 * (l & 3) + (r & 1);
+        if (tok >= M) continue;
+        float gate = 0.f, up = 0.f;
+#pragma unroll
+        for (int k = 0; k < KSPLIT; ++k) gate += red[k][r][l];
+#pragma unroll
+        for (int k = KSPLIT; k < KS; ++k) up += red[k][r][l];
+        if (bias) { gate += act_to_float(bias[n]); up += act_to_float(bias[I + n]); }
+        y[(size_t)tok * I + n] = float_to_act(gate / (1.f + expf(-gate)) * up);
+    }
+}
+#endif
 
 // Where a lane reads its weights, zero points and scales of each n-tile; advanced a batch at a time, so every load
 // of a batch is the pointer plus an immediate offset.
@@ -163,15 +198,21 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
     const int nt0 = blockIdx.x * NT;
+#if GATED
+    static_assert(NT == 1 && KS % 2 == 0, "GATED: one tile of gate and one of up, half the warps each");
+    const int kw = warp % KSPLIT;                   // the warp's place among those splitting K over its tile
+#else
+    const int kw = warp;
+#endif
     // The warp's chunks: `nfull` batches of U (a step of `bstep` chunks apart) from c0, then `ntail` chunks (whole
     // groups) from ct, one group at a time. No bounds checks inside a batch.
 #if IL   // interleaved: batch i of warp w starts at chunk (w + i * KS) * U: the block reads KS * U adjacent chunks
-    const int nbatches = nchunks / UB_MAIN, bstep = KS * UB_MAIN;
-    const int c0 = warp * UB_MAIN, nfull = nbatches > warp ? (nbatches - warp + KS - 1) / KS : 0;
-    const int ct = nbatches * UB_MAIN, ntail = warp == nbatches % KS ? nchunks - ct : 0;
+    const int nbatches = nchunks / UB_MAIN, bstep = KSPLIT * UB_MAIN;
+    const int c0 = kw * UB_MAIN, nfull = nbatches > kw ? (nbatches - kw + KSPLIT - 1) / KSPLIT : 0;
+    const int ct = nbatches * UB_MAIN, ntail = kw == nbatches % KSPLIT ? nchunks - ct : 0;
 #else    // contiguous: warp w owns chunks [w * per_warp, (w + 1) * per_warp) (per_warp: whole groups)
     const int bstep = UB_MAIN;
-    const int c0 = warp * per_warp, nown = max(0, min(per_warp, nchunks - c0));
+    const int c0 = kw * per_warp, nown = max(0, min(per_warp, nchunks - c0));
     const int nfull = nown / UB_MAIN, ct = c0 + nfull * UB_MAIN, ntail = nown - nfull * UB_MAIN;
 #endif
     // B column g is token g; a lane past the last token reads token 0: its columns are never stored
@@ -180,7 +221,11 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
     Src src;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
+#if GATED
+        const int nt = nt0 + (warp >= KSPLIT ? ntiles / 2 : 0);   // gate tile t, or up tile t + I/16
+#else
         const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
+#endif
         src.w[j] = qw + (size_t)nt * nchunks * 32 + lane;
         src.s[j] = scales + (size_t)nt * ngroups * 8 + g;
         src.z[j] = zeros + (size_t)nt * ngroups * 8 + g;
@@ -219,7 +264,11 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
         xp += CPG * 64;
     }
 
+#if GATED
+    store_gated(acc, warp, lane, nt0, M, N / 2, bias, y);
+#else
     store_warp_sums(acc, warp, lane, nt0, ntiles, M, N, bias, y);
+#endif
 }
 
 // The first kernel (bounds checks in the loop, register copies between batches): default_config's choice below
@@ -385,6 +434,41 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
 
 def supports_tokens(M: int) -> bool:
     return 1 <= M <= MAX_TOKENS
+
+
+def gated_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
+    """gemv_silu's default: the lean kernel's default_config for the [gate | up] weight, with twice the warps a
+    block (a block computes one tile of gate and one of up, so the warps splitting K over a tile stay as many)."""
+    cfg = default_config(N, K, group_size, device, lean=True)
+    return DecodeConfig(nt=1, ks=2 * cfg.ks, u=cfg.u, l2pf=cfg.l2pf, il=cfg.il, lean=True)
+
+
+def gated_supported(rt: W4A16Runtime, M: int) -> bool:
+    """gemv_silu can take this [gate | up] weight: 1-8 tokens, I = out_features / 2 a whole number of 16-row tiles."""
+    return supports_tokens(M) and rt.out_features % 32 == 0
+
+
+def gemv_silu(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = None) -> torch.Tensor:
+    """silu(gate) * up of a fused [gate | up] projection in the lean GEMV's epilogue (one kernel instead of the
+    GEMV + silu_and_mul): x [M, K] as gemv's, rt's out_features 2I -> y [M, I]. config: lean, nt 1, ks even (ks/2
+    warps split K over each of the block's two tiles); None = gated_config."""
+    M, K = x.shape
+    if not gated_supported(rt, M):
+        raise ValueError(f"gemv_silu takes 1..{MAX_TOKENS} tokens and 2I output rows with I a multiple of 16, got "
+                         f"{M} tokens and {rt.out_features} rows")
+    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
+    N = rt.out_features
+    cfg = config or gated_config(N, K, rt.group_size, x.device.index)
+    if not (cfg.lean and cfg.nt == 1 and cfg.ks % 2 == 0):
+        raise ValueError(f"gemv_silu needs the lean kernel, nt=1 and an even ks, got {cfg}")
+    y = torch.empty(M, N // 2, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name,
+                              cfg.options(x.dtype, rt.group_size) + (rt.zero_option, "-DGATED=1"), x.device.index)
+    half = DecodeConfig(nt=1, ks=cfg.ks // 2, u=cfg.u, lean=True)       # the warps splitting K over one tile
+    _cupy.launch(kernel, (N // 32,), (cfg.ks * 32,),
+                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias if bias is not None else np.uint64(0), y,
+                  np.int32(M), np.int32(N), np.int32(K), np.int32(half.per_warp(K, rt.group_size))))
+    return y
 
 
 def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 import torch
 
 from ..kernels import dense_decode, w4a16
+from ..kernels.activation import silu_and_mul
 from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
@@ -63,8 +64,18 @@ class Linear:
                                                          self.group_size).t().contiguous()
         return self._dense_cache
 
+    def _w4a16_path(self, x: torch.Tensor) -> bool:
+        return self.is_quantized and x.is_cuda and (self.qweight is not None or (
+            w4a16._cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16)))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_quantized and x.is_cuda and (self.qweight is not None or (
-                w4a16._cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16))):
+        if self._w4a16_path(x):
             return w4a16.w4a16_linear(x, self)
         return dense_decode.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def gate_up_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this fused [gate | up] projection: [..., in] -> [..., out / 2] (W4A16 at 1-8 tokens:
+        one kernel where LMTRITON_FUSE_SILU=1)."""
+        if self._w4a16_path(x):
+            return w4a16.gate_up_silu(x, self)
+        return silu_and_mul(self(x))

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dense_decode
-from ..kernels.activation import silu_and_mul
 from ..kernels.kv_cache import KVCache, write_kv
 from ..kernels.kv_static import write_kv_static
 from ..kernels.paged_attention import AttnMetadata, paged_attention
@@ -125,7 +124,7 @@ class LlamaModel:
             if self.all_reduce is not None:
                 h = self.all_reduce(h)
             x, residual = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps, residual)
-            h = layer.down(silu_and_mul(layer.gate_up(x)))
+            h = layer.down(layer.gate_up.gate_up_silu(x))
             if self.all_reduce is not None:
                 h = self.all_reduce(h)
         h, _ = rms_norm(h, self.norm, cfg.rms_norm_eps, residual)
