@@ -75,7 +75,8 @@ def dense_rows(bw: float) -> list:
 
 
 def silu_rows(bw: float) -> list:
-    """The gate_up projection of Llama-2-7B then SiLU·mul: two kernels (lean GEMV + silu_and_mul) vs gemv_silu."""
+    """The gate_up projection of Llama-2-7B then SiLU·mul, W4A16 and fp16: two kernels (the decode GEMV +
+    silu_and_mul) vs gemv_silu."""
     from backend.kernels.activation import silu_and_mul
     rows = []
     K, N = 4096, 22016
@@ -96,6 +97,21 @@ def silu_rows(bw: float) -> list:
         rows.append(frac(r, nbytes + M * K * 2, bw))
         print("silu", json.dumps(rows[-1]), flush=True)
     del pool
+    dense = dense_pool(K, N)
+    for M in (1, 8):
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+
+        def us(fn):
+            return graph_ms(over(dense, fn), len(dense)) * 1e3
+        r = dict(K=K, N=N, dtype="fp16", M=M, two_kernels_us=us(lambda w: silu_and_mul(dense_decode.gemv(x, w))),
+                 gemv_only_us=us(lambda w: dense_decode.gemv(x, w)),
+                 fused_us=us(lambda w: dense_decode.gemv_silu(x, w)))
+        if M == 1:
+            r["sweep"] = sorted((round(us(lambda w: dense_decode.gemv_silu(x, w, None, c)), 3), str(c))
+                                for c in (dense_decode.DenseConfig(ks=ks, u=u) for ks in (8, 16) for u in (2, 4)))
+        rows.append(frac(r, (K * N + M * K) * 2, bw))
+        print("silu", json.dumps(rows[-1]), flush=True)
+    del dense
     return rows
 
 

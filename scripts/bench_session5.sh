@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The session-5 kernels (lean W4A16 decode GEMV, dense decode GEMV, RAW-code attention) against what they replace,
-# in one device call (~5 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end with each switch off, at
-# its default, and (W4A16) with LMTRITON_FUSE_SILU=1, twice, interleaved (scripts/bench_decode.py; the switches are
+# in one device call (~6 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end with each switch off, at
+# its default, and with LMTRITON_FUSE_SILU=1, twice, interleaved (scripts/bench_decode.py; the switches are
 # read at import).
 #   bash scripts/bench_session5.sh "$OUT"      ->  $OUT/session5/*.json, $OUT/session5/summary.txt
 set -u
@@ -14,7 +14,7 @@ timeout 300 python3 scripts/ab_kernels.py "$d/ab_kernels.json" > "$d/ab_kernels.
 off="LMTRITON_DENSE_GEMV=0 LMTRITON_W4A16_DECODE_LEAN=0 LMTRITON_ATTN_RAW_CODES=none"
 for i in 1 2; do
     for q in "" "--quant awq --kv int8"; do
-        for mode in off default $([ -n "$q" ] && echo fuse_silu); do
+        for mode in off default fuse_silu; do
             name=e2e_${mode}${q:+_awq_kvint8}_$i
             case $mode in off) sw=$off ;; fuse_silu) sw=LMTRITON_FUSE_SILU=1 ;; *) sw= ;; esac
             env $sw timeout 100 python3 scripts/bench_decode.py --model llama2-7b \

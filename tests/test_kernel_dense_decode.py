@@ -58,6 +58,30 @@ def test_dense_decode_configs_agree(ks, u):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [None, (2, 1), (4, 4), (8, 2), (16, 4), (6, 3)])
+def test_gemv_silu_equals_silu_of_the_gemv(dtype, cfg):
+    """silu(gate) * up from the epilogue of the GEMV over a [gate | up] weight (I = 864: 54 blocks; K = 1248: uneven
+    warp ranges) vs the float32 reference of the projection, then SiLU·mul."""
+    import torch.nn.functional as F
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    w = (torch.randn(1728, 1248, device="cuda", generator=gen) / 35).to(dtype)
+    bias = torch.randn(1728, device="cuda", generator=gen).to(dtype)
+    config = None if cfg is None else dense_decode.DenseConfig(ks=cfg[0], u=cfg[1])
+    for M in (1, 5, 8):
+        x = torch.randn(M, 1248, device="cuda", generator=gen).to(dtype)
+        gate, up = F.linear(x.float(), w.float(), bias.float()).chunk(2, dim=-1)
+        _check(dense_decode.gemv_silu(x, w, bias, config), (F.silu(gate) * up).to(dtype))
+
+
+def test_gemv_silu_refuses_what_it_cannot_fuse():
+    with pytest.raises(ValueError, match="I a multiple of 16, got 1 tokens and 48 rows"):
+        dense_decode.gemv_silu(torch.zeros(1, 128, dtype=torch.float16), torch.zeros(48, 128, dtype=torch.float16))
+    with pytest.raises(ValueError, match="got 9 tokens"):
+        dense_decode.gemv_silu(torch.zeros(9, 128, dtype=torch.float16), torch.zeros(64, 128, dtype=torch.float16))
+
+
+@pytest.mark.gpu
 def test_dense_decode_refuses_what_it_cannot_take(monkeypatch):
     monkeypatch.setattr(dense_decode, "ENABLED", True)
     w = torch.randn(64, 128, device="cuda").half()

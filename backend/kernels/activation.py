@@ -7,6 +7,10 @@ import torch.nn.functional as F
 
 from . import _cupy
 
+# silu(gate) * up in the epilogue of the decode GEMV over the fused [gate | up] weight, at 1-8 tokens, W4A16 (lean
+# kernel) and fp16/bf16 alike: one launch fewer a layer (LMTRITON_FUSE_SILU=1|0; off until it is timed on a GPU)
+FUSE_SILU = _cupy.env_choice("LMTRITON_FUSE_SILU", "0", ("0", "1")) == "1"
+
 _SOURCE = _cupy.PRELUDE + r"""
 // x: [T, 2I] = [gate | up], out: [T, I]; one thread per 8 outputs (16-byte loads and stores).
 extern "C" __global__ void silu_and_mul(const u16* __restrict__ x, u16* __restrict__ out, int inter, long long n8) {

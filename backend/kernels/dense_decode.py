@@ -8,6 +8,9 @@ one is multiplied. The 8 k of a lane feed two m16n8k16 k-tiles as they are: the 
 same way in W (A) and x (B), so (lane t, k-tile j) takes k 8t + 4j + {0, 1} for the A/B registers of k 2t, 2t + 1
 and 8t + 4j + {2, 3} for those of 2t + 8, 2t + 9. fp32 accumulation; warps meet in shared memory.
 Reference: `reference` (F.linear in float32).
+gemv_silu (GATED; LMTRITON_FUSE_SILU=1 in the model, off by default): over a fused [gate | up] weight a block runs
+its 16 gate rows on half its warps and the matching up rows on the other half and stores silu(gate) * up, so the
+MLP's silu_and_mul launch goes away at 1-8 tokens (written without a GPU: compiled, tests and timing still to run).
 """
 from __future__ import annotations
 
@@ -27,7 +30,13 @@ MAX_TOKENS = 8   # one 8-token mma tile
 ENABLED = bool(_cupy.env_int("LMTRITON_DENSE_GEMV", 1, minimum=0))
 
 _SOURCE = DEVICE_HELPERS + r"""
-// -D: IS_BF16, KS (warps per block splitting K), U (32-k chunks a load batch)
+// -D: IS_BF16, KS (warps per block splitting K), U (32-k chunks a load batch), GATED (a fused [gate | up] weight of
+// 2I rows: block t runs gate rows 16t.. on its first KS/2 warps and up rows I + 16t.. on the others, and stores
+// silu(gate) * up into y [M, I])
+#ifndef GATED
+#define GATED 0
+#endif
+#define KSPLIT (GATED ? (KS) / 2 : (KS))                   // warps splitting K over one block of 16 rows
 template <int UB> struct Rows {   // UB chunks of rows g and g + 8, in registers
     uint4 a[UB], b[UB];
     __device__ __forceinline__ void load(const uint4* ra, const uint4* rb) {
@@ -57,9 +66,15 @@ dense_decode(const uint4* __restrict__ w, const u16* __restrict__ x, const u16* 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 5;                  // 32 k: 64 bytes of a row, 16 a lane
-    const int c0 = warp * per_warp, nown = max(0, min(per_warp, nchunks - c0));
+#if GATED
+    static_assert(KS % 2 == 0, "GATED: half the warps on the gate rows, half on the up rows");
+    const int kw = warp % KSPLIT, row0 = 16 * blockIdx.x + (warp >= KSPLIT ? N / 2 : 0);
+#else
+    const int kw = warp, row0 = 16 * blockIdx.x;
+#endif
+    const int c0 = kw * per_warp, nown = max(0, min(per_warp, nchunks - c0));
     const int nfull = nown / U, ntail = nown - nfull * U;
-    const uint4* ra = w + ((size_t)(16 * blockIdx.x + g) * K >> 3) + 4 * c0 + t;   // row g, this warp's first chunk
+    const uint4* ra = w + ((size_t)(row0 + g) * K >> 3) + 4 * c0 + t;   // row g, this warp's first chunk
     const uint4* rb = ra + (size_t)K;                                               // row g + 8
     // B column g is token g; a lane past the last token reads token 0: its columns are never stored
     const u16* xp = x + (size_t)(g < M ? g : 0) * K + 32 * c0 + 8 * t;
@@ -92,6 +107,9 @@ dense_decode(const uint4* __restrict__ w, const u16* __restrict__ x, const u16* 
 #pragma unroll
     for (int r = 0; r < 4; ++r) red[warp][r][lane] = acc[0][r] + acc[1][r];
     __syncthreads();
+#if GATED
+    store_silu_mul<KS>(red, blockIdx.x, M, N / 2, bias, y);
+#else
 #pragma unroll 1
     for (int v = threadIdx.x; v < 4 * 32; v += KS * 32) {
         const int l = v & 31, r = v >> 5;
@@ -104,6 +122,7 @@ dense_decode(const uint4* __restrict__ w, const u16* __restrict__ x, const u16* 
         if (bias) s += act_to_float(bias[n]);
         y[(size_t)tok * N + n] = float_to_act(s);
     }
+#endif
 }
 """
 
@@ -135,6 +154,29 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype and x.shape[1] == K
             and x.is_contiguous() and x.data_ptr() % 16 == 0
             and K % 32 == 0 and N % 16 == 0 and weight.is_contiguous() and weight.data_ptr() % 16 == 0)
+
+
+def gemv_silu(x: torch.Tensor, weight: torch.Tensor, bias=None, config: DenseConfig = None) -> torch.Tensor:
+    """silu(gate) * up of a fused [gate | up] weight [2I, K] in the GEMV's epilogue (one kernel instead of gemv +
+    silu_and_mul): x [M, K] -> y [M, I]. Callers check `supports` and 2I % 32 == 0. config: ks even (ks/2 warps
+    split K over the gate rows, ks/2 over the up rows); None: twice default_config's warps."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if not (1 <= M <= MAX_TOKENS and N % 32 == 0):
+        raise ValueError(f"dense_decode.gemv_silu takes 1..{MAX_TOKENS} tokens and 2I rows with I a multiple of 16, "
+                         f"got {M} tokens and {N} rows")
+    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K % 32 == 0
+    base = default_config(N, K)
+    cfg = config or DenseConfig(ks=2 * base.ks, u=base.u)
+    if cfg.ks % 2:
+        raise ValueError(f"dense_decode.gemv_silu needs an even ks, got {cfg}")
+    y = torch.empty(M, N // 2, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, "dense_decode", cfg.options(x.dtype) + ("-DGATED=1",), x.device.index)
+    bias_arg = bias.to(x.dtype).contiguous() if bias is not None else np.uint64(0)
+    half = DenseConfig(ks=cfg.ks // 2, u=cfg.u)
+    _cupy.launch(kernel, (N // 32,), (cfg.ks * 32,),
+                 (weight, x, bias_arg, y, np.int32(M), np.int32(N), np.int32(K), np.int32(half.per_warp(K))))
+    return y
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

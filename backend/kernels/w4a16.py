@@ -18,8 +18,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import _cupy, w4a16_decode, w4a16_gemm, w4a16_gemv
-from .activation import silu_and_mul
+from . import _cupy, activation, w4a16_decode, w4a16_gemm, w4a16_gemv
 from .w4a16_runtime import W4A16Runtime, repack, supports
 
 log = logging.getLogger(__name__)
@@ -152,11 +151,6 @@ SPLITK_MIN_TOKENS = _cupy.env_int("LMTRITON_W4A16_SPLITK_MIN", 32)
 SPLITK_MIN_WEIGHTS = 32 * 2**20
 
 
-# silu(gate) * up in the lean decode GEMV's epilogue for fused [gate | up] projections at 1-8 tokens: one launch
-# fewer a layer (LMTRITON_FUSE_SILU=1|0; off until it is timed on a GPU)
-FUSE_SILU = _cupy.env_choice("LMTRITON_FUSE_SILU", "0", ("0", "1")) == "1"
-
-
 def _use_splitk(T: int, rt: W4A16Runtime) -> bool:
     big = rt.in_features * rt.out_features >= SPLITK_MIN_WEIGHTS
     return SPLITK_MIN_TOKENS <= T <= GEMV_MAX_TOKENS and (T >= 48 or big)
@@ -194,10 +188,10 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
 def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
     """silu(gate) * up of a fused [gate | up] W4A16 projection: x [..., in] -> [..., out / 2]. With FUSE_SILU, 1-8
     tokens on CUDA take w4a16_decode.gemv_silu (one kernel); everything else the projection, then silu_and_mul."""
-    if FUSE_SILU and _cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16):
+    if activation.FUSE_SILU and _cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16):
         rt = prepare(linear) if linear.runtime is None else linear.runtime
         x2 = x.reshape(-1, x.shape[-1])
         if rt and w4a16_decode.gated_supported(rt, x2.shape[0]) and x2.is_contiguous() and x2.data_ptr() % 16 == 0:
             b = None if linear.bias is None else linear.bias.to(x.dtype).contiguous()
             return w4a16_decode.gemv_silu(x2, rt, b).reshape(*x.shape[:-1], rt.out_features // 2)
-    return silu_and_mul(w4a16_linear(x, linear))
+    return activation.silu_and_mul(w4a16_linear(x, linear))

@@ -91,27 +91,15 @@ __device__ __forceinline__ void store_warp_sums(const float (&acc)[NT][4], int w
 }
 
 #if GATED
-// The gate warps' and the up warps' sums of the block's 16 channels meet in shared memory: y = silu(gate) * up,
-// rounded once (the unfused path rounds gate and up to the activation type first).
+// The gate warps' and the up warps' sums of the block's 16 rows meet in shared memory: y = silu(gate) * up, rounded
+// once (the unfused path rounds gate and up to the activation type first).
 __device__ __forceinline__ void store_gated(const float (&acc)[NT][4], int warp, int lane, int tile, int M, int I,
                                             const u16* __restrict__ bias, u16* __restrict__ y) {
     __shared__ float red[KS][4][32];
 #pragma unroll
     for (int r = 0; r < 4; ++r) red[warp][r][lane] = acc[0][r];
     __syncthreads();
-    for (int v = threadIdx.x; v < 4 * 32; v += KS * 32) {
-        const int l = v & 31, r = v >> 5;
-        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
-        const int tok = 2 * (l & 3) + (r & 1);
-        if (tok >= M) continue;
-        float gate = 0.f, up = 0.f;
-#pragma unroll
-        for (int k = 0; k < KSPLIT; ++k) gate += red[k][r][l];
-#pragma unroll
-        for (int k = KSPLIT; k < KS; ++k) up += red[k][r][l];
-        if (bias) { gate += act_to_float(bias[n]); up += act_to_float(bias[I + n]); }
-        y[(size_t)tok * I + n] = float_to_act(gate / (1.f + expf(-gate)) * up);
-    }
+    store_silu_mul<KS>(red, tile, M, I, bias, y);
 }
 #endif
 

@@ -312,6 +312,28 @@ __device__ __forceinline__ u16 float_to_act(float f) {
     return h;
 }
 
+// The epilogue of a decode GEMV over a fused [gate | up] weight (w4a16_decode / dense_decode, GATED): a block's
+// warps [0, KS_/2) hold the gate sums of its 16 rows, warps [KS_/2, KS_) the up sums of the same rows, in
+// red[warp][r][lane] (the m16n8 C layout: row 16 * tile + lane / 4 + 8 * (r / 2), token 2 * (lane % 4) + r % 2).
+// Stores silu(gate) * up of the tokens < M into y [M, I], rounded once.
+template <int KS_> __device__ __forceinline__ void store_silu_mul(const float (&red)[KS_][4][32], int tile, int M,
+                                                                  int I, const u16* __restrict__ bias,
+                                                                  u16* __restrict__ y) {
+    for (int v = threadIdx.x; v < 4 * 32; v += KS_ * 32) {
+        const int l = v & 31, r = v >> 5;
+        const int n = 16 * tile + (l >> 2) + 8 * (r >> 1);
+        const int tok = 2 * (l & 3) + (r & 1);
+        if (tok >= M) continue;
+        float gate = 0.f, up = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS_ / 2; ++k) gate += red[k][r][l];
+#pragma unroll
+        for (int k = KS_ / 2; k < KS_; ++k) up += red[k][r][l];
+        if (bias) { gate += act_to_float(bias[n]); up += act_to_float(bias[I + n]); }
+        y[(size_t)tok * I + n] = float_to_act(gate / (1.f + expf(-gate)) * up);
+    }
+}
+
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));

@@ -5,8 +5,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..kernels import dense_decode, w4a16
-from ..kernels.activation import silu_and_mul
+from ..kernels import activation, dense_decode, w4a16
 from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
@@ -74,8 +73,11 @@ class Linear:
         return dense_decode.linear(x, self.dense_weight().to(x.dtype), self.bias)
 
     def gate_up_silu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this fused [gate | up] projection: [..., in] -> [..., out / 2] (W4A16 at 1-8 tokens:
-        one kernel where LMTRITON_FUSE_SILU=1)."""
+        """silu(gate) * up of this fused [gate | up] projection: [..., in] -> [..., out / 2]; at 1-8 tokens on a GPU
+        one kernel where LMTRITON_FUSE_SILU=1 (the decode GEMV's epilogue), else the projection, then silu_and_mul."""
         if self._w4a16_path(x):
             return w4a16.gate_up_silu(x, self)
-        return silu_and_mul(self(x))
+        w = self.dense_weight().to(x.dtype)
+        if activation.FUSE_SILU and dense_decode.supports(x, w) and w.shape[0] % 32 == 0:
+            return dense_decode.gemv_silu(x, w, self.bias)
+        return activation.silu_and_mul(dense_decode.linear(x, w, self.bias))
