@@ -90,6 +90,7 @@ def analyse(res: dict, batch: int, context: int, target: float) -> dict:
         "linear_frac_copy_bw_needed": stream(left_measured),
         "linear_budget_attn_at_bw_ms": left_attn_at_bw, "linear_tflops_needed_attn_at_bw": rate(left_attn_at_bw),
         "linear_frac_copy_bw_needed_attn_at_bw": stream(left_attn_at_bw),
+        "launches": {c: sum(n for cc, _, _, n in rows if cc == c) for c in totals},
         "kernels": [{"class": c, "kernel": k, "ms": ms, "count": n} for c, k, ms, n in rows],
     }
 
@@ -110,6 +111,8 @@ def report(a: dict) -> str:
         f"copy bandwidth) + attention {a['attention_ms']:.3f}"
         + (f" ({a['attention_GBps']:.0f} GB/s of KV)" if a["attention_GBps"] else "")
         + f" + other {a['other_ms']:.3f}",
+        f"  launches: " + ", ".join(f"{c} {n} ({1e3 * a[c + '_ms'] / n:.1f} us each)" for c, n in a["launches"].items()
+                                   if n),
         f"  {100 * a['target']:.0f}% of the limit = a step of {a['target_step_ms']:.3f} ms; the linear layers get",
         f"    with attention and the rest as measured: "
         + need(a["linear_budget_ms"], a["linear_tflops_needed"], a["linear_frac_copy_bw_needed"]),

@@ -31,6 +31,8 @@ def test_batch_64_budget(res):
     # every kernel with GPU time is in one class, and the classes add up to the step
     assert a["measured_ms"] == pytest.approx(sum(k["ms"] for k in res["profile_bs64"] if k["ms"] > 0))
     classes = {k["kernel"][:12]: k["class"] for k in a["kernels"]}
+    # 4 GEMMs + 4 split-K finishes + 4 workspace fills a layer; attention once; 2 norms, rotary, SiLU (+ final norm)
+    assert a["launches"]["linear"] == 32 * 12 and a["launches"]["attention"] == 32
     assert classes["w4a16_gemm"] == "linear" and classes["w4a16_splitk"] == "linear"
     assert classes["paged_decode"] == "attention" and classes["rms_norm"] == "other"
     assert a["linear_budget_ms"] == pytest.approx(a["target_step_ms"] - a["attention_ms"] - a["other_ms"])
