@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _cupy
+from . import _cupy, activation
 from .w4a16_runtime import DEVICE_HELPERS
 
 MAX_TOKENS = 8   # one 8-token mma tile
@@ -165,18 +165,19 @@ def gemv_silu(x: torch.Tensor, weight: torch.Tensor, bias=None, config: DenseCon
     if not (1 <= M <= MAX_TOKENS and N % 32 == 0):
         raise ValueError(f"dense_decode.gemv_silu takes 1..{MAX_TOKENS} tokens and 2I rows with I a multiple of 16, "
                          f"got {M} tokens and {N} rows")
-    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K % 32 == 0
     base = default_config(N, K)
     cfg = config or DenseConfig(ks=2 * base.ks, u=base.u)
     if cfg.ks % 2:
         raise ValueError(f"dense_decode.gemv_silu needs an even ks, got {cfg}")
-    y = torch.empty(M, N // 2, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, "dense_decode", cfg.options(x.dtype) + ("-DGATED=1",), x.device.index)
-    bias_arg = bias.to(x.dtype).contiguous() if bias is not None else np.uint64(0)
-    half = DenseConfig(ks=cfg.ks // 2, u=cfg.u)
-    _cupy.launch(kernel, (N // 32,), (cfg.ks * 32,),
-                 (weight, x, bias_arg, y, np.int32(M), np.int32(N), np.int32(K), np.int32(half.per_warp(K))))
-    return y
+    return _launch(x, weight, bias, cfg, gated=True)
+
+
+def linear_silu(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """silu(gate) * up of x times a fused [gate | up] weight: `gemv_silu` (one kernel) where activation.FUSE_SILU is
+    on and `supports` says so, else `linear` then silu_and_mul."""
+    if activation.FUSE_SILU and supports(x, weight) and weight.shape[0] % 32 == 0:
+        return gemv_silu(x, weight, bias)
+    return activation.silu_and_mul(linear(x, weight, bias))
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
@@ -198,11 +199,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, config: DenseConfig =
     N = weight.shape[0]
     if not 1 <= M <= MAX_TOKENS:
         raise ValueError(f"dense_decode takes 1..{MAX_TOKENS} tokens, got {M}")
+    return _launch(x, weight, bias, config or default_config(N, K))
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias, cfg: DenseConfig, gated: bool = False) -> torch.Tensor:
+    """y = x W^T (+ b) (gated: silu(gate) * up, I = N / 2 outputs, a block per 16 of them, ks/2 warps each side)."""
+    M, K = x.shape
+    N = weight.shape[0]
     assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K % 32 == 0 and N % 16 == 0
-    cfg = config or default_config(N, K)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, "dense_decode", cfg.options(x.dtype), x.device.index)
+    y = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, "dense_decode", cfg.options(x.dtype) + (("-DGATED=1",) if gated else ()),
+                              x.device.index)
     bias_arg = bias.to(x.dtype).contiguous() if bias is not None else np.uint64(0)
-    _cupy.launch(kernel, (N // 16,), (cfg.ks * 32,),
-                 (weight, x, bias_arg, y, np.int32(M), np.int32(N), np.int32(K), np.int32(cfg.per_warp(K))))
+    split = DenseConfig(ks=cfg.ks // 2, u=cfg.u) if gated else cfg      # the warps splitting K over 16 rows
+    _cupy.launch(kernel, (N // 32 if gated else N // 16,), (cfg.ks * 32,),
+                 (weight, x, bias_arg, y, np.int32(M), np.int32(N), np.int32(K), np.int32(split.per_warp(K))))
     return y

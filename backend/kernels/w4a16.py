@@ -194,7 +194,7 @@ def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
         rt = prepare(linear) if linear.runtime is None else linear.runtime
         x2 = x.reshape(-1, x.shape[-1])
         if (rt and w4a16_decode.gated_supported(rt, x2.shape[0]) and x2.is_contiguous() and x2.data_ptr() % 16 == 0
-                and w4a16_decode.default_config(rt.out_features, rt.in_features, rt.group_size, x.device.index).lean):
+                and w4a16_decode.lean_default(rt.group_size)):
             b = None if linear.bias is None else linear.bias.to(x.dtype).contiguous()
             return w4a16_decode.gemv_silu(x2, rt, b).reshape(*x.shape[:-1], rt.out_features // 2)
     return activation.silu_and_mul(w4a16_linear(x, linear))

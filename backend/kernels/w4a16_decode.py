@@ -401,6 +401,11 @@ class DecodeConfig:
         return -(-(-(-nchunks // self.ks)) // cpg) * cpg
 
 
+def lean_default(group_size: int) -> bool:
+    """Whether default_config takes the lean kernel at this group size (LEAN)."""
+    return LEAN == "1" or (LEAN == "auto" and group_size == 128)
+
+
 def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[bool] = None) -> DecodeConfig:
     """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
     8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)
@@ -412,7 +417,7 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
         ks //= 2
     u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
     if lean is None:
-        lean = LEAN == "1" or (LEAN == "auto" and group_size == 128)
+        lean = lean_default(group_size)
     # interleaved batches at group 128: for the measured kernel at long K (down_proj), 11.7 -> 10.9 us at 11008x4096
     # (--sweep 1, H200); for the lean kernel at every shape it was timed at, its sweep's best (H100, M=1, ab_kernels):
     # 4096x4096 4.63 -> 4.17 us, 4096x22016 19.1 -> 17.9 us, 11008x4096 (already interleaved) 9.28 us
@@ -444,19 +449,10 @@ def gemv_silu(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig
     if not gated_supported(rt, M):
         raise ValueError(f"gemv_silu takes 1..{MAX_TOKENS} tokens and 2I output rows with I a multiple of 16, got "
                          f"{M} tokens and {rt.out_features} rows")
-    assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
-    N = rt.out_features
-    cfg = config or gated_config(N, K, rt.group_size, x.device.index)
+    cfg = config or gated_config(rt.out_features, K, rt.group_size, x.device.index)
     if not (cfg.lean and cfg.nt == 1 and cfg.ks % 2 == 0):
         raise ValueError(f"gemv_silu needs the lean kernel, nt=1 and an even ks, got {cfg}")
-    y = torch.empty(M, N // 2, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name,
-                              cfg.options(x.dtype, rt.group_size) + (rt.zero_option, "-DGATED=1"), x.device.index)
-    half = DecodeConfig(nt=1, ks=cfg.ks // 2, u=cfg.u, lean=True)       # the warps splitting K over one tile
-    _cupy.launch(kernel, (N // 32,), (cfg.ks * 32,),
-                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias if bias is not None else np.uint64(0), y,
-                  np.int32(M), np.int32(N), np.int32(K), np.int32(half.per_warp(K, rt.group_size))))
-    return y
+    return _launch(x, rt, bias, cfg, gated=True)
 
 
 def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = None) -> torch.Tensor:
@@ -464,15 +460,20 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = No
     M, K = x.shape
     if not supports_tokens(M):
         raise ValueError(f"w4a16_decode takes 1..{MAX_TOKENS} tokens, got {M}")
+    return _launch(x, rt, bias, config or default_config(rt.out_features, K, rt.group_size, x.device.index))
+
+
+def _launch(x: torch.Tensor, rt: W4A16Runtime, bias, cfg: DecodeConfig, gated: bool = False) -> torch.Tensor:
+    """y = the GEMV of x (gated: silu(gate) * up, I = N / 2 outputs, a block per 16 of them, ks/2 warps a tile)."""
+    M, K = x.shape
     assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
     N = rt.out_features
-    cfg = config or default_config(N, K, rt.group_size, x.device.index)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name, cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
-                              x.device.index)
-    grid = (-(-(N // 16) // cfg.nt),)
-    bias_arg = bias if bias is not None else np.uint64(0)
+    y = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
+    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name, cfg.options(x.dtype, rt.group_size) + (rt.zero_option,) + (
+        ("-DGATED=1",) if gated else ()), x.device.index)
+    grid = (N // 32,) if gated else (-(-(N // 16) // cfg.nt),)
+    split = DecodeConfig(nt=1, ks=cfg.ks // 2, u=cfg.u) if gated else cfg    # the warps splitting K over a tile
     _cupy.launch(kernel, grid, (cfg.ks * 32,),
-                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
-                  np.int32(M), np.int32(N), np.int32(K), np.int32(cfg.per_warp(K, rt.group_size))))
+                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias if bias is not None else np.uint64(0), y,
+                  np.int32(M), np.int32(N), np.int32(K), np.int32(split.per_warp(K, rt.group_size))))
     return y

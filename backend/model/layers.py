@@ -5,7 +5,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..kernels import activation, dense_decode, w4a16
+from ..kernels import dense_decode, w4a16
 from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
@@ -77,7 +77,4 @@ class Linear:
         one kernel where LMTRITON_FUSE_SILU=1 (the decode GEMV's epilogue), else the projection, then silu_and_mul."""
         if self._w4a16_path(x):
             return w4a16.gate_up_silu(x, self)
-        w = self.dense_weight().to(x.dtype)
-        if activation.FUSE_SILU and dense_decode.supports(x, w) and w.shape[0] % 32 == 0:
-            return dense_decode.gemv_silu(x, w, self.bias)
-        return activation.silu_and_mul(dense_decode.linear(x, w, self.bias))
+        return dense_decode.linear_silu(x, self.dense_weight().to(x.dtype), self.bias)
