@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-only", action="store_true", help="--profile, then exit (no speed runs)")
     ap.add_argument("--out", help="JSON results")
     args = ap.parse_args(argv)
+    if args.batch_new is not None and args.batch_new < 1:
+        ap.error(f"--batch-new must be >= 1, got {args.batch_new}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.model == "demo":
         args.model = "llama2-7b"

@@ -133,18 +133,28 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.6, help="fraction of the memory limit (default 0.6)")
     ap.add_argument("--json", help="write the analyses here")
     args = ap.parse_args(argv)
+    if not 0 < args.target <= 1:
+        ap.error(f"--target is a fraction of the limit in (0, 1], got {args.target}")
+    if args.context < 1 or min(args.batch) < 1:
+        ap.error("--context and --batch must be >= 1")
     out = []
     for path in args.profile_json:
-        with open(path) as f:
-            res = json.load(f)
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"cannot read {path}: {e}")
         for b in args.batch:
             if f"profile_bs{b}" in res:
                 out.append(analyse(res, b, args.context, args.target))
                 print(report(out[-1]))
+    if not out:
+        ap.error(f"no profile at batch {', '.join(map(str, args.batch))} in {', '.join(args.profile_json)} "
+                 "(bench_decode.py --profile --profile-batch N writes them)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    return 0 if out else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,13 @@ def test_unknown_benchmark_is_named(capsys):
     assert "unknown benchmark 'latency'" in capsys.readouterr().err
 
 
+def test_bench_decode_refuses_a_bad_batch_new(capsys):
+    from scripts import bench_decode                  # refused before any GPU work
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(["--batch-new", "0"])
+    assert e.value.code == 2 and "--batch-new must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_lengths_argument_names_the_bad_item():
     assert bench_generation.parse_lengths("1:128,2048:16") == [(1, 128), (2048, 16)]
     with pytest.raises(ValueError, match="'128-512'"):

@@ -52,3 +52,20 @@ def test_cli_and_unknown_batch(res, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())[0]["batch"] == 1
     with pytest.raises(SystemExit, match="no profile_bs8"):
         roofline.analyse(res, batch=8, context=129, target=0.6)
+
+
+@pytest.mark.parametrize("argv,message", [(["--target", "0"], "--target is a fraction of the limit in (0, 1], got 0"),
+                                          (["--target", "60"], "got 60.0"),
+                                          (["--batch", "8"], "no profile at batch 8"),
+                                          (["--context", "0"], "--context and --batch must be >= 1")])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        roofline.main([str(PROFILE)] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unreadable_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        roofline.main([str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "missing.json" in err
