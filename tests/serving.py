@@ -6,11 +6,9 @@ server (the OpenAI tests stop theirs on purpose). The converted workspace is sha
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from scripts.launch_triton_server import TritonServer
@@ -50,11 +48,3 @@ def triton_server(tmp_path_factory):
                       log_file=log) as server:
         yield Served(server, workspace / "tokenizer")
 
-
-def metric_value(served: Served, name: str) -> float:
-    """Sum of a metric's samples (over labels) on Triton's metrics port."""
-    text = httpx.get(served.metrics_url, timeout=5).text
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-    if not values:
-        raise KeyError(f"metric {name} not found on {served.metrics_url}")
-    return sum(values)

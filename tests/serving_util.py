@@ -147,9 +147,11 @@ def http_generate_stream(url: str, model: str = "llm", **body) -> Result:
     return res
 
 
-def metric(server: TritonServer, name: str) -> float:
+def metric(server, name: str, reduce=max) -> float:
+    """A metric on Triton's metrics port (`server` has a metrics_url), its samples over labels reduced by `reduce`:
+    max (default) for the model a test drives, sum for the total over both frontends."""
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
     if not values:
         raise KeyError(f"metric {name} not on {server.metrics_url}")
-    return max(values)
+    return reduce(values)

@@ -13,7 +13,8 @@ from client.http_client import HttpClient
 from client.protocol import TritonError
 from client.template import ChatFormatter
 from tests.gateway import ROOT
-from tests.serving import metric_value, triton_server  # noqa: F401  (module-scoped server fixture)
+from tests.serving import triton_server  # noqa: F401  (module-scoped server fixture)
+from tests.serving_util import metric
 
 PROMPT = "The capital of France is"
 GREEDY = {"max_tokens": 6, "temperature": 0.0}
@@ -76,7 +77,7 @@ def test_cancel_from_another_thread(grpc, triton_server):
 def _wait_running_zero(server, timeout=20.0):
     import time
     deadline = time.monotonic() + timeout
-    while metric_value(server, "lmtriton_requests_running") != 0:
+    while metric(server, "lmtriton_requests_running", sum) != 0:
         assert time.monotonic() < deadline, "a cancelled request still runs in the engine"
         time.sleep(0.25)
 

@@ -14,7 +14,8 @@ from client.grpc_client import GrpcClient
 from client.openai_protocol import APIError, parse_request
 from client.template import ChatFormatter
 from tests.gateway import run_gateway
-from tests.serving import metric_value, triton_server  # noqa: F401  (module-scoped server fixture)
+from tests.serving import triton_server  # noqa: F401  (module-scoped server fixture)
+from tests.serving_util import metric
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The three primary colors are"
@@ -175,20 +176,20 @@ def test_client_disconnect_cancels_the_triton_request(gateway, triton_server):
         events = list(itertools.islice((x for x in lines if x.startswith("data:")), 3))
         assert len(events) == 3 and json.loads(events[-1][5:])["choices"][0]["text"] is not None
         time.sleep(1.0)          # >> the cancellation check: a connected client that reads slowly keeps its request
-        _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 1, "the request to run")
-    _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 0,
+        _wait_for(lambda: metric(triton_server, "lmtriton_requests_running", sum) == 1, "the request to run")
+    _wait_for(lambda: metric(triton_server, "lmtriton_requests_running", sum) == 0,
               "the request to stop after its HTTP client disconnected")
 
 
 def test_client_leaving_a_non_stream_request_cancels_it(gateway, triton_server):
     body = {"model": triton_server.model, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
-    before = metric_value(triton_server, "lmtriton_generated_tokens_total")
+    before = metric(triton_server, "lmtriton_generated_tokens_total", sum)
     with pytest.raises(httpx.ReadTimeout):           # the client gives up long before 400 tokens (~35 s on 2 cores)
         httpx.post(f"{gateway}/v1/completions", json=body, timeout=httpx.Timeout(30.0, read=2.0))
-    _wait_for(lambda: metric_value(triton_server, "lmtriton_requests_running") == 0,
+    _wait_for(lambda: metric(triton_server, "lmtriton_requests_running", sum) == 0,
               "the request to stop after its HTTP client left")
     time.sleep(1.0)                                  # the token counter is flushed every 0.25 s
-    made = metric_value(triton_server, "lmtriton_generated_tokens_total") - before
+    made = metric(triton_server, "lmtriton_generated_tokens_total", sum) - before
     assert 0 < made < 400, made
 
 
