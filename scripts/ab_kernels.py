@@ -37,7 +37,7 @@ def w4a16_rows(bw: float) -> list:
     sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=True) for ks in (4, 8, 16) for u in (2, 4, 8) for il in (0, 1)]
     rows = []
     for K, N in W4A16_SHAPES:
-        for group in (128, 32) if (K, N) == (4096, 4096) else (128,):
+        for group in (128, 64, 32) if (K, N) in ((4096, 4096), (11008, 4096)) else (128,):
             pool, nbytes = awq_pool(K, N, group, int_zeros=True)
             for M in (1, 8):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -47,7 +47,7 @@ def w4a16_rows(bw: float) -> list:
                 def us(c):
                     return graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, c)), len(pool)) * 1e3
                 r = dict(K=K, N=N, g=group, M=M, cfg=str(old), new_cfg=str(new), old_us=us(old), new_us=us(new))
-                if M == 1 and group == 128:
+                if M == 1:    # at groups 64 / 32 too: may the lean kernel replace the other there?
                     r["sweep"] = sorted((round(us(c), 3), str(c)) for c in sweep)    # all of it: the best is noisy
                     r["best_us"], r["best_cfg"] = r["sweep"][0]
                 rows.append(frac(r, nbytes + M * K * 2, bw))

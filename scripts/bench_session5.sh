@@ -4,6 +4,7 @@
 # its default, and with LMTRITON_FUSE_SILU=1, twice, interleaved (scripts/bench_decode.py; the switches are
 # read at import).
 #   bash scripts/bench_session5.sh "$OUT"      ->  $OUT/session5/*.json, $OUT/session5/summary.txt
+#   MODES="default fuse_silu" bash scripts/bench_session5.sh "$OUT"    (a subset of the e2e modes)
 set -u
 out=${1:?usage: bench_session5.sh OUT_DIR}
 d=$out/session5
@@ -14,7 +15,7 @@ timeout 300 python3 scripts/ab_kernels.py "$d/ab_kernels.json" > "$d/ab_kernels.
 off="LMTRITON_DENSE_GEMV=0 LMTRITON_W4A16_DECODE_LEAN=0 LMTRITON_ATTN_RAW_CODES=none"
 for i in 1 2; do
     for q in "" "--quant awq --kv int8"; do
-        for mode in off default fuse_silu; do
+        for mode in ${MODES:-off default fuse_silu}; do
             name=e2e_${mode}${q:+_awq_kvint8}_$i
             case $mode in off) sw=$off ;; fuse_silu) sw=LMTRITON_FUSE_SILU=1 ;; *) sw= ;; esac
             env $sw timeout 100 python3 scripts/bench_decode.py --model llama2-7b \
