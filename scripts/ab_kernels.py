@@ -6,7 +6,7 @@
 - gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
   sweep of the fused kernel's configurations.
 Every time also as a fraction of the copy bandwidth measured in the same run.
-    PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json
+    PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json [w4a16|dense|attention|fused_silu ...]   (default: all)
 """
 from __future__ import annotations
 
@@ -130,13 +130,21 @@ def attention_rows(bw: float) -> list:
     return rows
 
 
+PARTS = dict(w4a16=w4a16_rows, dense=dense_rows, attention=attention_rows, fused_silu=silu_rows)
+
+
 def main(argv=None) -> int:
-    out = (argv or sys.argv[1:])[0]
+    args = argv if argv is not None else sys.argv[1:]
+    if not args or any(a not in PARTS for a in args[1:]):
+        print(f"usage: ab_kernels.py OUT.json [PART ...], PART one of {', '.join(PARTS)} (default: all, in that order)",
+              file=sys.stderr)
+        return 2
+    out, parts = args[0], args[1:] or list(PARTS)
     bw = copy_bandwidth()
     res = dict(device=torch.cuda.get_device_name(), copy_bw_GBps=bw / 1e9)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    res["w4a16"], res["dense"], res["attention"] = w4a16_rows(bw), dense_rows(bw), attention_rows(bw)
-    res["fused_silu"] = silu_rows(bw)
+    for part in parts:
+        res[part] = PARTS[part](bw)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     return 0
