@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from backend.engine.cuda_graph import collector_off
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ def _graph_ms(fn, calls: int, replays: int) -> float:
     fn()                                              # compile kernels, prepare, allocate outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with collector_off(), torch.cuda.graph(graph):
         fn()
     graph.replay()
     torch.cuda.synchronize()

@@ -1,5 +1,11 @@
-"""CPU checks of the GPU path's planning: CUDA-graph batch buckets and query heads per attention CTA."""
-from backend.engine.cuda_graph import batch_buckets
+"""CPU checks of the GPU path's planning: CUDA-graph batch buckets, the collector around captures, and query heads
+per attention CTA."""
+import gc
+import weakref
+
+import pytest
+
+from backend.engine.cuda_graph import batch_buckets, collector_off
 from backend.kernels.paged_attention import rep_tile
 
 
@@ -18,3 +24,32 @@ def test_rep_tile_divides_the_gqa_ratio():
     assert [rep_tile(r) for r in (1, 3, 4, 8, 7, 5)] == [1, 3, 4, 4, 7, 5]
     for r in range(1, 33):
         assert r % rep_tile(r) == 0 and rep_tile(r) <= 8
+
+
+class _Held:
+    """Stands for a dead engine: a reference cycle that still owns something."""
+
+
+def test_captures_run_with_dead_cycles_collected_and_the_collector_off():
+    """A dead engine freed by the collector in the middle of a capture invalidates it (CUresult 901, seen on the
+    H100 when a test built several engines): collect before, keep the collector off while capturing."""
+    dead = _Held()
+    dead.me = dead
+    alive = weakref.ref(dead)
+    del dead
+    assert gc.isenabled()
+    with collector_off():
+        assert alive() is None                  # collected before the capture begins
+        assert not gc.isenabled()               # nothing is collected in the middle of one
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):           # a failed capture leaves the collector as it was
+        with collector_off():
+            raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_off():
+            pass
+        assert not gc.isenabled()               # and one that was off stays off
+    finally:
+        gc.enable()

@@ -12,6 +12,8 @@ also computes lm_head and the greedy argmax: a plain-greedy step is one copy in,
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +30,25 @@ def batch_buckets(max_batch_size: int) -> List[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size]
     sizes += list(range(16, max_batch_size, 16))
     return sizes + [max_batch_size]
+
+
+@contextlib.contextmanager
+def collector_off():
+    """Around CUDA graph captures. A dead object in a reference cycle (an earlier LLMEngine of the same process)
+    still holds graphs, pinned buffers and pool memory; the garbage collector may free it at any allocation, and
+    freeing those mid-capture is an operation a capturing stream does not permit: the capture is invalidated
+    (CUresult 901 at the next launch). torch.cuda.graph.__enter__ collects only under
+    torch.compiler.config.force_cudagraph_gc (torch 2.13 here), so collect first, then keep the collector off until
+    the captures are done (vLLM does the same)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class DecodeGraphs:
@@ -96,8 +117,12 @@ class DecodeGraphs:
                             cu_seqlens_q=self.cu_seqlens[:bs + 1], q_lens=[1] * bs,
                             ctx_lens=[self.session_len] * bs, is_decode=True, max_context_len=self.session_len)
 
-    @torch.inference_mode()
     def _capture_all(self) -> None:
+        with collector_off():
+            self._capture_buckets()
+
+    @torch.inference_mode()
+    def _capture_buckets(self) -> None:
         self._static_buffers()
         kv = self.runner.kv_cache
         pool = None
