@@ -90,16 +90,25 @@ def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
     assert f"{name} must be one of {allowed}, got '{value}'" in _import_error_with(name, value)
 
 
-def test_lean_decode_gemv_is_the_default_at_group_128_only(monkeypatch):
+def test_lean_decode_gemv_defaults(monkeypatch):
     from backend.kernels import w4a16_decode
+    from backend.kernels.w4a16_decode import DecodeConfig
     monkeypatch.setattr(w4a16_decode._cupy, "sm_count", lambda device: 132)
-    assert w4a16_decode.default_config(4096, 4096, 128, 0).lean
-    assert all(w4a16_decode.default_config(n, k, 128, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
-    assert not w4a16_decode.default_config(4096, 4096, 64, 0).lean
-    assert not w4a16_decode.default_config(4096, 4096, 32, 0).lean
+    dc = w4a16_decode.default_config
+    assert all(dc(n, k, 128, 0).lean and dc(n, k, 128, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
+    assert not dc(4096, 4096, 64, 0).lean and not dc(4096, 4096, 32, 0).lean     # auto: group 128 only, for now
     monkeypatch.setattr(w4a16_decode, "LEAN", "1")
-    assert w4a16_decode.default_config(4096, 4096, 32, 0).lean
+    # the H100 sweeps' best (docs/benchmarks.md, session 7): 32 adjacent chunks a block-step at every group
+    assert dc(4096, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)
+    assert dc(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
+    assert dc(4096, 11008, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
+    assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)
+    assert dc(22016, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # past one wave: as before
+    # gemv_silu: twice the warps, but never past 16 (1,024 threads would cap the kernel at 64 registers)
+    assert w4a16_decode.gated_config(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
+    assert w4a16_decode.gated_config(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=4, il=True, lean=True)
     monkeypatch.setattr(w4a16_decode, "LEAN", "0")
-    assert not w4a16_decode.default_config(4096, 4096, 128, 0).lean
-    assert not w4a16_decode.default_config(4096, 4096, 128, 0).il      # the measured kernel: long K only
-    assert w4a16_decode.default_config(4096, 11008, 128, 0).il
+    assert not dc(4096, 4096, 128, 0).lean
+    assert not dc(4096, 4096, 128, 0).il      # the measured kernel: interleaved at long K only, u 2 at group 32
+    assert dc(4096, 11008, 128, 0).il
+    assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=2, il=False, lean=False)

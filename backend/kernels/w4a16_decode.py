@@ -37,9 +37,12 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 MAX_TOKENS = 8   # one 8-token mma tile
-# Where default_config takes the lean kernel: "auto" = group 128 (H100, 2026-12-06, M=1: 4096x4096 5.55 -> 4.63 us,
-# 4096x11008 12.6 -> 10.2, 11008x4096 10.8 -> 9.3; group 32 slower, 6.59 -> 6.93; group 64 not measured), 1 = every
-# group, 0 = never (LMTRITON_W4A16_DECODE_LEAN).
+# Where default_config takes the lean kernel: "auto" = group 128 (H100, 2026-12-06, M=1, each kernel at its default:
+# 4096x4096 5.49 -> 4.16 us, 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3), 1 = every group, 0 = never
+# (LMTRITON_W4A16_DECODE_LEAN). At groups 64 / 32 the lean kernel with default_config's lean rule below timed faster
+# than the measured kernel too (4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95; 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1;
+# docs/benchmarks.md, session 7), but those exact configurations have not run the GPU tests yet (cfg12 / cfg13 of
+# test_decode_gemv_configs_agree): "auto" takes them once they have.
 LEAN = _cupy.env_choice("LMTRITON_W4A16_DECODE_LEAN", "auto", ("auto", "0", "1"))
 
 _SOURCE = DEVICE_HELPERS + r"""
@@ -407,22 +410,26 @@ def lean_default(group_size: int) -> bool:
 
 
 def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[bool] = None) -> DecodeConfig:
-    """The sweep's best on an H200 (scripts/bench_kernels.py --sweep 1, docs/benchmarks.md): one n-tile a block,
-    8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps an SM (registers)
-    or at group 32. `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
+    """One n-tile a block, 8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps
+    an SM (registers). The measured kernel (the sweep's best on an H200, scripts/bench_kernels.py --sweep 1): 2 at
+    group 32 too, interleaved batches at long K, group 128. The lean kernel (its sweeps on the H100, M=1,
+    scripts/ab_kernels.py): interleaved batches at every group, and at group 64 twice the warps with half the
+    chunks each (the block still reads 32 adjacent chunks a step: 4096x4096 4.95 -> 4.52 us, 11008x4096 11.3 ->
+    10.3). `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
     sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
-    u = 2 if ntiles * ks > 32 * sm or group_size == 32 else 4
     if lean is None:
         lean = lean_default(group_size)
-    # interleaved batches at group 128: for the measured kernel at long K (down_proj), 11.7 -> 10.9 us at 11008x4096
-    # (--sweep 1, H200); for the lean kernel at every shape it was timed at, its sweep's best (H100, M=1, ab_kernels):
-    # 4096x4096 4.63 -> 4.17 us, 4096x22016 19.1 -> 17.9 us, 11008x4096 (already interleaved) 9.28 us
-    il = group_size == 128 and (lean or (u == 4 and nchunks >= 128))
-    return DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=lean)
+    u = 2 if ntiles * ks > 32 * sm or (group_size == 32 and not lean) else 4
+    if not lean:
+        # interleaved at long K: 11008x4096 11.7 -> 10.9 us (--sweep 1, H200)
+        return DecodeConfig(nt=1, ks=ks, u=u, il=group_size == 128 and u == 4 and nchunks >= 128)
+    if group_size == 64 and u == 4 and nchunks >= 4 * ks and ntiles * 2 * ks <= 32 * sm:
+        ks, u = 2 * ks, 2
+    return DecodeConfig(nt=1, ks=ks, u=u, il=True, lean=True)
 
 
 def supports_tokens(M: int) -> bool:
@@ -431,9 +438,11 @@ def supports_tokens(M: int) -> bool:
 
 def gated_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
     """gemv_silu's default: the lean kernel's default_config for the [gate | up] weight, with twice the warps a
-    block (a block computes one tile of gate and one of up, so the warps splitting K over a tile stay as many)."""
+    block (a block computes one tile of gate and one of up, so the warps splitting K over a tile stay as many); where
+    that would pass 16 warps (group 64), as many warps with twice the chunks a batch."""
     cfg = default_config(N, K, group_size, device, lean=True)
-    return DecodeConfig(nt=1, ks=2 * cfg.ks, u=cfg.u, l2pf=cfg.l2pf, il=cfg.il, lean=True)
+    ks, u = (2 * cfg.ks, cfg.u) if cfg.ks <= 8 else (cfg.ks, 2 * cfg.u)
+    return DecodeConfig(nt=1, ks=ks, u=u, l2pf=cfg.l2pf, il=cfg.il, lean=True)
 
 
 def gated_supported(rt: W4A16Runtime, M: int) -> bool:
