@@ -53,3 +53,23 @@ def test_captures_run_with_dead_cycles_collected_and_the_collector_off():
         assert not gc.isenabled()               # and one that was off stays off
     finally:
         gc.enable()
+
+
+def test_a_dropped_engine_is_freed_without_the_collector(demo_model_dir):
+    """runner.graphs -> DecodeGraphs -> runner must not be a cycle: an engine its owner drops frees its KV cache and
+    graphs at once, not at some later collection (which may fall in another engine's graph capture). On this CPU
+    machine DecodeGraphs finds no cupy and captures nothing, but keeps its runner as on a GPU."""
+    from backend.config import EngineConfig
+    from backend.engine.cuda_graph import DecodeGraphs
+    from backend.engine.engine import LLMEngine
+    eng = LLMEngine(EngineConfig(model=str(demo_model_dir), dtype="float32", device="cpu", session_len=256,
+                                 max_batch_size=2, cache_block_seq_len=16, cache_max_entry_count=32))
+    eng.runner.graphs = DecodeGraphs(eng.runner)
+    assert not eng.runner.graphs.enabled and eng.runner.graphs.runner.block_size == 16
+    runner, engine = weakref.ref(eng.runner), weakref.ref(eng)
+    gc.disable()
+    try:
+        del eng
+        assert engine() is None and runner() is None
+    finally:
+        gc.enable()

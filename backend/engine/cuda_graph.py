@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -53,7 +54,9 @@ def collector_off():
 
 class DecodeGraphs:
     def __init__(self, runner):
-        self.runner = runner
+        # weak: runner.graphs -> self -> runner would be a cycle, and an engine dropped by its owner would then live
+        # (KV cache, graphs, pools) until the garbage collector runs, which may be in another engine's capture
+        self.runner = weakref.proxy(runner)
         self.model = runner.model
         cfg = runner.config
         self.session_len = cfg.session_len
