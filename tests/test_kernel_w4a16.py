@@ -257,7 +257,8 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 @pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 0), (1, 2, 2, 0), (2, 4, 4, 0), (1, 16, 4, 0), (4, 8, 1, 0), (2, 16, 2, 0),
                                  (1, 3, 8, 0), (1, 8, 2, 1), (1, 4, 1, 1), (2, 4, 4, 1), (1, 3, 8, 1), (1, 16, 1, 1),
-                                 (1, 16, 2, 1), (1, 8, 4, 1)])     # the last two: the lean defaults at groups 64 / 32
+                                 (1, 16, 2, 1), (1, 8, 4, 1),      # cfg12 / cfg13: the lean defaults at groups 64 / 32
+                                 (1, 4, 2, 1)])                    # cfg14: the qkv shapes' sweep best (H100)
 @pytest.mark.parametrize("lean", [False, True])
 def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac, lean):
     # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
