@@ -10,7 +10,6 @@ gather their blocks and run torch SDPA (flash / memory-efficient attention), see
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Tuple
 
@@ -39,7 +38,7 @@ _KV_KIND = {"auto": 0, "int8": 1, "int4": 2}
 # GQA ratios <= 8; others fall back to "cuda") or "auto": mma for GQA or an int8/int4 cache, cuda for MHA with a
 # 16-bit cache (measured on an H200, docs/benchmarks.md: mma 0.63x the cuda kernel's time for GQA 32:8 int8/int4,
 # 0.95x fp16, 0.85x MHA int4, 1.08x MHA fp16). The bench and tests flip this module constant.
-DECODE_IMPL = os.environ.get("LMTRITON_DECODE_ATTN", "auto")
+DECODE_IMPL = _cupy.env_choice("LMTRITON_DECODE_ATTN", "auto", ("auto", "cuda", "mma"))
 MMA_TILES = 0            # tensor-core kernel: 16-token tiles in flight per warp (0: its default, 1/2/4 by KV kind)
 # tensor-core kernel: CTAs an SM to budget registers for (0: 4 for a 16-bit cache with head_dim 128, where GQA
 # 16 x 4k went 0.077 -> 0.071 ms; none for int8/int4, which slowed (0.055 -> 0.062 ms), nor head_dim 64 (15:5 x 64
