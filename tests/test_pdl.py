@@ -54,6 +54,23 @@ def test_pdl_mode_is_validated(monkeypatch):
     assert _cupy.pdl_enabled(0) is False
 
 
+def test_pdl_mode_switches_for_a_block_and_restores(monkeypatch):
+    """What bench_decode's profile uses: launches inside pdl_mode("0") go without PDL, the mode comes back after,
+    also when the block fails; an unknown mode is refused."""
+    monkeypatch.setattr(_cupy, "PDL_MODE", "1")
+    monkeypatch.setattr(_cupy, "_pdl_supported", lambda device: True)
+    with _cupy.pdl_mode("0"):
+        assert _cupy.pdl_enabled(0) is False
+    assert _cupy.PDL_MODE == "1" and _cupy.pdl_enabled(0) is True
+    with pytest.raises(KeyError):
+        with _cupy.pdl_mode("0"):
+            raise KeyError("a failed step")
+    assert _cupy.PDL_MODE == "1"
+    with pytest.raises(ValueError, match="PDL mode must be one of auto, 0, 1, got 'off'"):
+        with _cupy.pdl_mode("off"):
+            pass
+
+
 _PROBE = _cupy.PDL_MACROS + r"""
 // the first grid lets the next one launch at once, then spends `ns` before it writes the flag
 extern "C" __global__ void spin_then_write(int* flag, long long ns) {

@@ -17,6 +17,7 @@ reads of static data (weights) may come before it, never a write. `LMTRITON_PDL`
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -223,6 +224,20 @@ def _pdl_supported(device: int) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def pdl_mode(mode: str):
+    """Launches inside use LMTRITON_PDL=`mode`. A profile wants "0": with PDL a kernel queued behind a long one starts
+    early and waits for it, and its measured time then includes the wait."""
+    global PDL_MODE
+    if mode not in _PDL_MODES:
+        raise ValueError(f"PDL mode must be one of {', '.join(_PDL_MODES)}, got {mode!r}")
+    saved, PDL_MODE = PDL_MODE, mode
+    try:
+        yield
+    finally:
+        PDL_MODE = saved
 
 
 def pdl_enabled(device: int) -> bool:
