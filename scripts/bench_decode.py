@@ -186,6 +186,7 @@ def main(argv=None) -> int:
     if args.profile or args.profile_only:
         for b in args.profile_batch:
             res[f"profile_bs{b}"] = profile_step(eng, args.prompt, cfg.vocab_size, batch=b)
+        res["profile_pdl"] = False                  # profile_step runs its step without PDL
     if args.profile_only:
         if args.out:
             with open(args.out, "w") as f:

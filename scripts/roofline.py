@@ -78,6 +78,8 @@ def analyse(res: dict, batch: int, context: int, target: float) -> dict:
     return {
         "device": res["device"], "date": res["date"], "model": res["engine"]["model"],
         "kv": res["engine"]["kv_cache_dtype"], "batch": batch, "context": context, "target": target,
+        # profiles before bench_decode profiled with PDL off were taken with the run's PDL setting
+        "profiled_with_pdl": bool(res.get("profile_pdl", res.get("pdl", False))),
         "copy_bw_GBps": bw / 1e9, "matmul_tflops": tflops / 1e12,
         "weights_GB": weights / 1e9, "kv_GB": kv / 1e9, "linear_tflop": flops / 1e12,
         "memory_floor_ms": memory_ms, "linear_compute_floor_ms": 1e3 * flops / tflops,
@@ -120,6 +122,9 @@ def report(a: dict) -> str:
         + need(a["linear_budget_attn_at_bw_ms"], a["linear_tflops_needed_attn_at_bw"],
                a["linear_frac_copy_bw_needed_attn_at_bw"]),
     ]
+    if a["profiled_with_pdl"]:
+        lines.append("  (profiled with PDL on: a kernel queued behind a long one starts early and counts its wait, so the "
+                     "short kernels after a GEMV look longer: attention and other are upper bounds here)")
     lines += [f"      {k['class']:9s} {k['ms']:8.3f} ms {k['count']:5d} x  {k['kernel'][:80]}" for k in a["kernels"]]
     return "\n".join(lines)
 

@@ -69,3 +69,15 @@ def test_unreadable_file_is_named(tmp_path, capsys):
         roofline.main([str(tmp_path / "missing.json")])
     err = capsys.readouterr().err
     assert "cannot read" in err and "missing.json" in err
+
+
+def test_a_profile_taken_with_pdl_on_is_flagged(res, capsys):
+    """Session 7's profiles ran with PDL on (a kernel queued behind a long one counts its wait): the report says so;
+    session 4's (PDL off) and any marked profile_pdl=False do not."""
+    h100 = Path(__file__).parent.parent / "docs/benchmarks/session7_h100/awq_kvint8.json"
+    assert roofline.main([str(h100), "--batch", "1"]) == 0
+    assert "profiled with PDL on" in capsys.readouterr().out
+    assert roofline.main([str(PROFILE), "--batch", "1"]) == 0
+    assert "profiled with PDL on" not in capsys.readouterr().out
+    marked = dict(json.loads(h100.read_text()), profile_pdl=False)
+    assert not roofline.analyse(marked, batch=1, context=129, target=0.7)["profiled_with_pdl"]
