@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from . import _cupy
 
 # silu(gate) * up in the epilogue of the decode GEMV over the fused [gate | up] weight, at 1-8 tokens, W4A16 (lean
-# kernel) and fp16/bf16 alike: one launch fewer a layer (LMTRITON_FUSE_SILU=1|0; off until it is timed on a GPU)
+# kernel) and fp16/bf16 alike: one launch fewer a layer (LMTRITON_FUSE_SILU=1|0; off until the engine's GPU suite has
+# run with it on: end to end it measured +0.4%, docs/benchmarks.md session 7)
 FUSE_SILU = _cupy.env_choice("LMTRITON_FUSE_SILU", "0", ("0", "1")) == "1"
 
 _SOURCE = _cupy.PRELUDE + r"""
