@@ -146,3 +146,26 @@ def test_mma_decode_in_cuda_graph(kv_dtype):
         ref = pa.paged_attention_ref(static_q[live], layer, meta_live, 0.1)
         torch.testing.assert_close(out[live], ref, **TOL[torch.float16])
         assert out[[i for i, c in enumerate(ctx) if c == 0]].abs().sum().item() == 0
+
+
+@pytest.mark.parametrize("impl", ["mma", "cuda"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int4"])
+def test_split_reduce_in_the_last_cta_equals_the_reduce_kernel(monkeypatch, impl, kv_dtype):
+    """LMTRITON_SPLIT_REDUCE: the last CTA of a group combines the splits with the same arithmetic as reduce_splits
+    (bit for bit), padded rows (context 0) still get zeros, and the arrival counters are zero again afterwards (the
+    next launch and every CUDA-graph replay count from zero)."""
+    from backend.kernels import _cupy
+    meta, layer, q = _case(32, 8, 128, 64, kv_dtype, ctx=[900, 33, 1, 2000])
+    lens = meta.context_lens.clone()
+    lens[2] = 0
+    args = (q, layer, meta.block_tables, lens, 2048, 0.1)
+    got = {}
+    for mode in ("kernel", "block"):
+        monkeypatch.setattr(_cupy, "SPLIT_REDUCE", mode)
+        got[mode] = [pa.paged_decode(*args, partition=p, impl=impl) for p in (128, 512)]
+    for a, b in zip(got["kernel"], got["block"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert b[2].abs().max().item() == 0
+    ref = pa.paged_attention_ref(q, layer, meta, 0.1)          # row 2 had context 1 there
+    torch.testing.assert_close(got["block"][0][[0, 1, 3]], ref[[0, 1, 3]], **TOL[torch.float16])
+    assert int(_cupy.zeroed_scratch("attention_split_counters", 4, q.device.index).abs().sum()) == 0

@@ -46,6 +46,27 @@ PDL_MACROS = r"""
 #endif
 // the previous grid's writes are visible after the wait; the next grid may launch (and wait) from the trigger on
 #define PDL_BEGIN() do { PDL_WAIT(); PDL_TRIGGER(); } while (0)
+""" + r"""
+// Split reductions in the kernel (SPLIT_REDUCE, `zeroed_scratch`): every block of a group publishes its part, then
+// counts itself in; the block that counts last sees every part, finishes the group and resets the counter, so the
+// counters (and a workspace the last block clears) are zero again for the next launch. Every thread of the block
+// must call it (1-D blocks). Reads of the other blocks' parts go through L2 (ld_cg).
+__device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected) {
+    __shared__ unsigned s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last = atomicAdd(counter, 1u) == expected - 1;
+        if (s_last) *counter = 0u;              // every block of the group has arrived: nobody else touches it
+    }
+    __syncthreads();
+    const bool last = s_last;
+    if (last) __threadfence();
+    return last;
+}
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+}
 """
 
 # Compiled with -DIS_BF16=0|1: `scalar` is the activation type's bits, LOAD/STORE convert to and from float.
@@ -157,6 +178,28 @@ def null_ptr() -> np.uint64:
     return np.uint64(0)
 
 
+_scratch = {}
+_outgrown = []     # replaced scratch buffers: a captured CUDA graph may still hold their address
+
+
+def zeroed_scratch(name: str, nbytes: int, device: int):
+    """A per-device buffer of at least `nbytes` (int32 elements), zero when allocated and kept for the process. The
+    kernels that use one must leave it zero (the last block of a split reduction clears what its group wrote), and
+    calls that share it must run in stream order (the engine uses one stream). A buffer that has to grow is replaced
+    but never freed (graphs captured with it replay into it). None when it would have to grow during CUDA-graph
+    capture: the caller then takes its path without it."""
+    key = (name, device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() * 4 < nbytes:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _outgrown.append(buf)
+        words = max(-(-nbytes // 4), 2 * buf.numel() if buf is not None else 16384)
+        buf = _scratch[key] = torch.zeros(words, dtype=torch.int32, device=f"cuda:{device}")
+    return buf
+
+
 def _arg(a):
     if isinstance(a, torch.Tensor):
         assert a.is_contiguous(), "RawKernel ignores strides: pass contiguous tensors"
@@ -209,6 +252,11 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
+
+# How split partial results are combined (split-K W4A16 GEMM, split decode attention): "block" = the last block of
+# each group in the kernel itself (arrive_last: no workspace fill, no second launch), "kernel" = a separate launch
+# (and, for the GEMM, a workspace zeroed each call). LMTRITON_SPLIT_REDUCE.
+SPLIT_REDUCE = env_choice("LMTRITON_SPLIT_REDUCE", "block", ("block", "kernel"))
 
 PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")
 _PDL_MODES = ("auto", "0", "1")

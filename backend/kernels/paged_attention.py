@@ -153,20 +153,26 @@ def paged_decode(q: torch.Tensor, layer: KVLayer, block_tables: torch.Tensor, co
         part_ml = torch.empty(b, hq, nsplit, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out      # unused by the kernel
+    grid = (hk, b, nsplit) if mma else (hq // tile, b, nsplit)
+    counters = None
+    if nsplit > 1 and _cupy.SPLIT_REDUCE == "block":    # the last CTA of a group combines: no reduce_splits launch
+        counters = _cupy.zeroed_scratch("attention_split_counters", 4 * b * grid[0], q.device.index)
+    reduce_opt = (f"-DSPLIT_REDUCE={int(counters is not None)}",)
     if mma:
         minb = MMA_MINB or (4 if layer.kv_dtype == "auto" and d == 128 else 0)
         tiles = ((f"-DTILES={MMA_TILES}",) if MMA_TILES > 0 else ()) + ((f"-DMINB={minb}",) if minb else ()) + (
             f"-DRAW_CODES={int(layer.kv_dtype in _RAW_KINDS[MMA_RAW])}",)
-        kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles)
-        grid = (hk, b, nsplit)
+        kernel = _cupy.get_kernel(MMA_SOURCE, "paged_decode_mma", opts[:-1] + (f"-DREP={hq // hk}",) + tiles
+                                  + reduce_opt)
     else:
-        kernel, grid = _cupy.get_kernel(DECODE_SOURCE, "paged_decode", opts), (hq // tile, b, nsplit)
+        kernel = _cupy.get_kernel(DECODE_SOURCE, "paged_decode", opts + reduce_opt)
     _cupy.launch(kernel, grid, (128,),
                  (q, layer.k, layer.v, layer.k_qp if quant else _cupy.null_ptr(),
                   layer.v_qp if quant else _cupy.null_ptr(), block_tables, np.int32(block_tables.shape[1]),
                   context_lens, out, part_acc, part_ml, np.int32(hq), np.int32(hk),
-                  np.int32(int(math.log2(layer.block_size))), np.int32(partition), np.float32(scale * _LOG2E)))
-    if nsplit > 1:
+                  np.int32(int(math.log2(layer.block_size))), np.int32(partition), np.float32(scale * _LOG2E),
+                  _cupy.null_ptr() if counters is None else counters))
+    if nsplit > 1 and counters is None:
         _cupy.launch(_cupy.get_kernel(DECODE_SOURCE, "reduce_splits", opts), (b * hq,), (d,),
                      (part_acc, part_ml, context_lens, out, np.int32(hq), np.int32(nsplit), np.int32(partition)))
     return out

@@ -5,7 +5,9 @@ partition of its context (`split_len`: at least `min_part` tokens), and keeps an
 HEAD_DIM / 8 lanes owns one token at a time, each lane 8 dimensions (16-byte loads of fp16 K/V; 8- or 4-byte
 loads of int8/int4 codes, dequantized in registers with the token's (scale, zero)). Token groups combine through
 shuffles, warps through shared memory.
-One split writes the output; several write float32 partials that `reduce_splits` combines.
+One split writes the output; several write float32 partials that the last CTA of the (sequence, heads) group to
+finish combines (SPLIT_REDUCE=1, `_cupy.arrive_last`; LMTRITON_SPLIT_REDUCE=block, the default), or `reduce_splits`,
+a second launch (=kernel).
 Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (1..8).
 """
@@ -21,12 +23,44 @@ __device__ __forceinline__ int split_len(int ctx, int nsplit, int min_part) {
     return max(min_part, 16 * ((ctx + 16 * nsplit - 1) / (16 * nsplit)));
 }
 __device__ __forceinline__ float rescale(float m, float m_new) { return m == NEG_INF ? 0.f : exp2f(m - m_new); }
+#ifndef SPLIT_REDUCE
+#define SPLIT_REDUCE 0
+#endif
+// Dimension d of head `head` from the float32 partials of its first n splits (reduce_splits and the last CTA).
+template <int D>
+__device__ __forceinline__ float combine_splits(const float* part_acc, const float* part_ml, long long head,
+                                                int nsplit, int n, int d) {
+    const float* ml = part_ml + head * nsplit * 2;
+    float mm = NEG_INF;
+    for (int s = 0; s < n; ++s) mm = fmaxf(mm, ld_cg(ml + s * 2));
+    float ll = 0.f, aa = 0.f;
+    for (int s = 0; s < n; ++s) {
+        const float c = rescale(ld_cg(ml + s * 2), mm);
+        ll += ld_cg(ml + s * 2 + 1) * c;
+        aa += ld_cg(part_acc + (head * nsplit + s) * D + d) * c;
+    }
+    return ll > 0.f ? aa / ll : 0.f;
+}
+// Splits of a ctx-token sequence that hold tokens (the CTAs of the others return at once).
+__device__ __forceinline__ int filled_splits(int ctx, int nsplit, int min_part) {
+    const int partition = split_len(ctx, nsplit, min_part);
+    return min(nsplit, (ctx + partition - 1) / partition);
+}
+// A split with no tokens: a lone split still owes its output, and so does split 0 of an empty sequence (padded rows
+// of a CUDA graph) when the last CTA combines (no CTA of it arrives): zeros.
+template <int R, int D, int NT>
+__device__ __forceinline__ void store_empty(u16* __restrict__ out, long long head0, int nsplit, int split) {
+    if (nsplit == 1 || (SPLIT_REDUCE && split == 0))
+        for (int idx = threadIdx.x; idx < R * D; idx += NT) out[head0 * D + idx] = STOREF(0.f);
+}
 // After __syncthreads: merge the NW warps' (max, sum) and unnormalized sums of R heads x D dims, then write the
-// output (one split) or this split's float32 partial (several; reduce_splits combines them). head0 = b * Hq + h0.
+// output (one split) or this split's float32 partial (several; with SPLIT_REDUCE the last of the group's `nfilled`
+// CTAs to arrive at `counter` combines them, otherwise reduce_splits). head0 = b * Hq + h0.
 template <int NW, int R, int D, int NT>
 __device__ __forceinline__ void store_cta(const float (&s_acc)[NW][R][D], const float (&s_ml)[NW][R][2],
                                           u16* __restrict__ out, float* __restrict__ part_acc,
-                                          float* __restrict__ part_ml, long long head0, int nsplit, int split) {
+                                          float* __restrict__ part_ml, long long head0, int nsplit, int split,
+                                          int nfilled, unsigned* __restrict__ counter) {
     for (int idx = threadIdx.x; idx < R * D; idx += NT) {
         const int r = idx / D, d = idx % D;
         float mm = NEG_INF;
@@ -47,6 +81,12 @@ __device__ __forceinline__ void store_cta(const float (&s_acc)[NW][R][D], const 
             if (d == 0) { part_ml[(head * nsplit + split) * 2] = mm; part_ml[(head * nsplit + split) * 2 + 1] = ll; }
         }
     }
+#if SPLIT_REDUCE
+    if (nsplit > 1 && arrive_last(counter, nfilled))
+        for (int idx = threadIdx.x; idx < R * D; idx += NT)
+            out[(head0 + idx / D) * D + idx % D] = STOREF(combine_splits<D>(part_acc, part_ml, head0 + idx / D,
+                                                                             nsplit, nfilled, idx % D));
+#endif
 }
 """
 
@@ -110,7 +150,7 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
              const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
              int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
              float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
-             int bs_shift, int min_part, float qk_scale) {
+             int bs_shift, int min_part, float qk_scale, unsigned* __restrict__ split_counters) {
     PDL_BEGIN();
     const int b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = blockIdx.x * REP;
@@ -118,10 +158,8 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
     const int ctx = context_lens[b];
     const int partition = split_len(ctx, nsplit, min_part);
     const int start = split * partition;
-    if (start >= ctx) {     // nothing to read; a lone split still owes its output (padded graph rows: zeros)
-        if (nsplit == 1)
-            for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS)
-                out[((long long)b * num_heads + h0) * HEAD_DIM + idx] = STOREF(0.f);
+    if (start >= ctx) {     // nothing to read
+        store_empty<REP, HEAD_DIM, NTHREADS>(out, (long long)b * num_heads + h0, nsplit, split);
         return;
     }
     const int end = min(start + partition, ctx);
@@ -242,7 +280,8 @@ paged_decode(const u16* __restrict__ q, const void* __restrict__ k_cache, const 
     }
     __syncthreads();
     store_cta<NWARPS, REP, HEAD_DIM, NTHREADS>(s_acc, s_ml, out, part_acc, part_ml, (long long)b * num_heads + h0,
-                                               nsplit, split);
+                                               nsplit, split, filled_splits(ctx, nsplit, min_part),
+                                               split_counters + b * gridDim.x + blockIdx.x);
 }
 
 // One block per (sequence, query head), HEAD_DIM threads: combine the splits that hold tokens.
@@ -252,17 +291,7 @@ extern "C" __global__ void reduce_splits(const float* __restrict__ part_acc, con
     PDL_BEGIN();
     const long long head = blockIdx.x;
     const int b = blockIdx.x / num_heads, d = threadIdx.x;
-    const int ctx = context_lens[b], partition = split_len(ctx, nsplit, min_part);
-    const int n = min(nsplit, (ctx + partition - 1) / partition);
-    const float* ml = part_ml + head * nsplit * 2;
-    float mm = NEG_INF;
-    for (int s = 0; s < n; ++s) mm = fmaxf(mm, ml[s * 2]);
-    float ll = 0.f, aa = 0.f;
-    for (int s = 0; s < n; ++s) {
-        const float c = rescale(ml[s * 2], mm);
-        ll += ml[s * 2 + 1] * c;
-        aa += part_acc[(head * nsplit + s) * HEAD_DIM + d] * c;
-    }
-    out[head * HEAD_DIM + d] = STOREF(ll > 0.f ? aa / ll : 0.f);
+    const int n = filled_splits(context_lens[b], nsplit, min_part);
+    out[head * HEAD_DIM + d] = STOREF(combine_splits<HEAD_DIM>(part_acc, part_ml, head, nsplit, n, d));
 }
 """

@@ -322,7 +322,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
                  const float* __restrict__ k_qp, const float* __restrict__ v_qp, const int* __restrict__ block_tables,
                  int max_blocks, const int* __restrict__ context_lens, u16* __restrict__ out,
                  float* __restrict__ part_acc, float* __restrict__ part_ml, int num_heads, int num_kv_heads,
-                 int bs_shift, int min_part, float qk_scale) {
+                 int bs_shift, int min_part, float qk_scale, unsigned* __restrict__ split_counters) {
     PDL_BEGIN();
     const int kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int h0 = kvh * REP;
@@ -330,9 +330,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
     const int partition = split_len(ctx, nsplit, min_part);
     const int start = split * partition;
     if (start >= ctx) {
-        if (nsplit == 1)
-            for (int idx = threadIdx.x; idx < REP * HEAD_DIM; idx += NTHREADS)
-                out[((long long)b * num_heads + h0) * HEAD_DIM + idx] = STOREF(0.f);
+        store_empty<REP, HEAD_DIM, NTHREADS>(out, (long long)b * num_heads + h0, nsplit, split);
         return;
     }
     const int end = min(start + partition, ctx);
@@ -407,6 +405,7 @@ paged_decode_mma(const u16* __restrict__ q, const void* __restrict__ k_cache, co
         }
     __syncthreads();
     store_cta<NWARPS, REP, HEAD_DIM, NTHREADS>(s_acc, s_ml, out, part_acc, part_ml, (long long)b * num_heads + h0,
-                                               nsplit, split);
+                                               nsplit, split, filled_splits(ctx, nsplit, min_part),
+                                               split_counters + b * gridDim.x + blockIdx.x);
 }
 """
