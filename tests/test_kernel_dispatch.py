@@ -96,11 +96,17 @@ def test_lean_decode_gemv_defaults(monkeypatch):
     from backend.kernels.w4a16_decode import DecodeConfig
     monkeypatch.setattr(w4a16_decode._cupy, "sm_count", lambda device: 132)
     dc = w4a16_decode.default_config
-    assert all(dc(n, k, 128, 0).lean and dc(n, k, 128, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
-    assert not dc(4096, 4096, 64, 0).lean and not dc(4096, 4096, 32, 0).lean     # auto: group 128 only, for now
-    monkeypatch.setattr(w4a16_decode, "LEAN", "1")
+    assert all(dc(n, k, g, 0).lean and dc(n, k, g, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008))
+               for g in (128, 64, 32))                                       # auto: every group
     # the H100 sweeps' best (docs/benchmarks.md, session 7): 32 adjacent chunks a block-step at every group
     assert dc(4096, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)
+    # group 128, 8-warp grid in (1, 1.5] waves (qkv / up of the 7B shape): 4 warps a block
+    assert dc(11008, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True, lean=True)
+    assert dc(12288, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True, lean=True)
+    assert dc(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # 2.6 waves
+    assert dc(6144, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)       # under one wave
+    monkeypatch.setattr(w4a16_decode, "LEAN", "1")                             # the same as auto
+    assert dc(11008, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # 128 only: as measured
     assert dc(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
     assert dc(4096, 11008, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
     assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)

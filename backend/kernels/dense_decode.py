@@ -8,7 +8,7 @@ one is multiplied. The 8 k of a lane feed two m16n8k16 k-tiles as they are: the 
 same way in W (A) and x (B), so (lane t, k-tile j) takes k 8t + 4j + {0, 1} for the A/B registers of k 2t, 2t + 1
 and 8t + 4j + {2, 3} for those of 2t + 8, 2t + 9. fp32 accumulation; warps meet in shared memory.
 Reference: `reference` (F.linear in float32).
-gemv_silu (GATED; LMTRITON_FUSE_SILU=1 in the model, off by default): over a fused [gate | up] weight a block runs
+gemv_silu (GATED; the model's default, LMTRITON_FUSE_SILU=0 turns it off): over a fused [gate | up] weight a block runs
 its 16 gate rows on half its warps and the matching up rows on the other half and stores silu(gate) * up, so the
 MLP's silu_and_mul launch goes away at 1-8 tokens (tests passed on an H100; 0.9-1.4 us faster than the two kernels
 at 4096x22016: docs/benchmarks.md, session 7).

@@ -187,8 +187,8 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
 
 def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
     """silu(gate) * up of a fused [gate | up] W4A16 projection: x [..., in] -> [..., out / 2]. With FUSE_SILU, 1-8
-    tokens on CUDA take w4a16_decode.gemv_silu (one kernel) where the lean kernel is the default (group 128, or every
-    group with LMTRITON_W4A16_DECODE_LEAN=1); everything else the projection, then silu_and_mul."""
+    tokens on CUDA take w4a16_decode.gemv_silu (one kernel) where the lean kernel is the default (every group unless
+    LMTRITON_W4A16_DECODE_LEAN=0); everything else the projection, then silu_and_mul."""
     if activation.FUSE_SILU and _cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16):
         rt = prepare(linear) if linear.runtime is None else linear.runtime
         x2 = x.reshape(-1, x.shape[-1])

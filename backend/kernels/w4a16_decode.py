@@ -17,7 +17,7 @@ main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, s
 is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a
 time. Lanes past the last token read token 0's activations instead of zeros (their output columns are never
 stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
-gemv_silu (GATED, lean kernel only; LMTRITON_FUSE_SILU=1 in the model, off by default): for a fused [gate | up]
+gemv_silu (GATED, lean kernel only; the model's default, LMTRITON_FUSE_SILU=0 turns it off): for a fused [gate | up]
 weight a block runs gate tile t on half its warps and up tile t + I/16 on the other half and stores silu(gate) * up,
 so the MLP's silu_and_mul launch goes away at 1-8 tokens (tests passed on an H100; one kernel 0.7-0.8 us faster than
 the two at 4096x22016, +0.4% end to end: docs/benchmarks.md, session 7).
@@ -37,12 +37,11 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 MAX_TOKENS = 8   # one 8-token mma tile
-# Where default_config takes the lean kernel: "auto" = group 128 (H100, 2026-12-06, M=1, each kernel at its default:
-# 4096x4096 5.49 -> 4.16 us, 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3), 1 = every group, 0 = never
-# (LMTRITON_W4A16_DECODE_LEAN). At groups 64 / 32 the lean kernel with default_config's lean rule below timed faster
-# than the measured kernel too (4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95; 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1;
-# docs/benchmarks.md, session 7), but those exact configurations have not run the GPU tests yet (cfg12 / cfg13 of
-# test_decode_gemv_configs_agree): "auto" takes them once they have.
+# Where default_config takes the lean kernel: "auto" (= 1) every group, 0 = never (LMTRITON_W4A16_DECODE_LEAN; 0 keeps
+# the first kernel for comparison). H100, M=1, each kernel at its default: group 128 4096x4096 5.49 -> 4.16 us,
+# 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3 (2026-12-06); groups 64 / 32 with default_config's lean rule
+# 4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95, 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1 (docs/benchmarks.md, session 7;
+# those configurations passed the GPU tests in session 8: cfg12 / cfg13 of test_decode_gemv_configs_agree).
 LEAN = _cupy.env_choice("LMTRITON_W4A16_DECODE_LEAN", "auto", ("auto", "0", "1"))
 
 _SOURCE = DEVICE_HELPERS + r"""
@@ -262,8 +261,8 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
 #endif
 }
 
-// The first kernel (bounds checks in the loop, register copies between batches): default_config's choice below
-// group 128 until the lean kernel's group-64/32 configurations have passed the GPU tests (LEAN above).
+// The first kernel (bounds checks in the loop, register copies between batches): LMTRITON_W4A16_DECODE_LEAN=0 only
+// (the lean kernel is faster at every group, LEAN above).
 #define GPB ((2 * U + HALVES_PER_GROUP - 1) / HALVES_PER_GROUP)   // groups a batch of U chunks touches
 
 extern "C" __global__ void __launch_bounds__(KS * 32)
@@ -406,7 +405,7 @@ class DecodeConfig:
 
 def lean_default(group_size: int) -> bool:
     """Whether default_config takes the lean kernel at this group size (LEAN)."""
-    return LEAN == "1" or (LEAN == "auto" and group_size == 128)
+    return LEAN != "0"
 
 
 def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[bool] = None) -> DecodeConfig:
@@ -415,7 +414,9 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
     group 32 too, interleaved batches at long K, group 128. The lean kernel (its sweeps on the H100, M=1,
     scripts/ab_kernels.py): interleaved batches at every group, and at group 64 twice the warps with half the
     chunks each (the block still reads 32 adjacent chunks a step: 4096x4096 4.95 -> 4.52 us, 11008x4096 11.3 ->
-    10.3). `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
+    10.3); at group 128 a grid of 8-warp blocks just over one wave (up to 1.5) takes 4 warps a block instead
+    (the qkv / up shapes, N x K = 11008 x 4096: 10.9 -> 10.0 us, 12288 x 4096: 11.4 -> 10.7, sessions 5 and 7).
+    `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
     sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
@@ -429,6 +430,8 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
         return DecodeConfig(nt=1, ks=ks, u=u, il=group_size == 128 and u == 4 and nchunks >= 128)
     if group_size == 64 and u == 4 and nchunks >= 4 * ks and ntiles * 2 * ks <= 32 * sm:
         ks, u = 2 * ks, 2
+    elif group_size == 128 and ks == 8 and 32 * sm < ntiles * ks <= 48 * sm:
+        ks = 4
     return DecodeConfig(nt=1, ks=ks, u=u, il=True, lean=True)
 
 

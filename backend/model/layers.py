@@ -74,7 +74,7 @@ class Linear:
 
     def gate_up_silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this fused [gate | up] projection: [..., in] -> [..., out / 2]; at 1-8 tokens on a GPU
-        one kernel where LMTRITON_FUSE_SILU=1 (the decode GEMV's epilogue), else the projection, then silu_and_mul."""
+        one kernel (the decode GEMV's epilogue; LMTRITON_FUSE_SILU=0: off), else the projection, then silu_and_mul."""
         if self._w4a16_path(x):
             return w4a16.gate_up_silu(x, self)
         return dense_decode.linear_silu(x, self.dense_weight().to(x.dtype), self.bias)
