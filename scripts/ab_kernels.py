@@ -4,9 +4,11 @@
 - dense decode GEMV (dense_decode.py) vs cuBLAS (F.linear), and its whole sweep;
 - tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again);
 - gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
-  sweep of the fused kernel's configurations.
+  sweep of the fused kernel's configurations;
+- split-K W4A16 GEMM at 32-64 tokens: the tile finished by its last block vs the zeroed workspace + finish launch
+  (LMTRITON_SPLIT_REDUCE block / kernel, old again), at the automatic split and at half and twice of it.
 Every time also as a fraction of the copy bandwidth measured in the same run.
-    PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json [w4a16|dense|attention|fused_silu ...]   (default: all)
+    PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json [w4a16|dense|attention|fused_silu|splitk ...]  (default: all)
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from backend.kernels import dense_decode, paged_attention as pa, w4a16_decode
+from backend.kernels import _cupy, dense_decode, paged_attention as pa, w4a16_decode, w4a16_gemm
 from backend.kernels.w4a16_decode import DecodeConfig
 from scripts import bench_attention
 from scripts.bench_kernels import awq_pool, copy_bandwidth, dense_pool, dense_sweep_configs, over
@@ -130,7 +132,29 @@ def attention_rows(bw: float) -> list:
     return rows
 
 
-PARTS = dict(w4a16=w4a16_rows, dense=dense_rows, attention=attention_rows, fused_silu=silu_rows)
+def splitk_rows(bw: float) -> list:
+    rows = []
+    sm = _cupy.sm_count(0)
+    for K, N in W4A16_SHAPES:
+        pool, nbytes = awq_pool(K, N, 128, int_zeros=True)
+        for M in (32, 64):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            auto = w4a16_gemm.splitk_config(M, N, K, sm).splitk
+            r = dict(K=K, N=N, M=M, splitk=auto)
+            for split in sorted({max(2, auto // 2), auto, 2 * auto}):
+                cfg = w4a16_gemm.splitk_config(M, N, K, sm, splitk=split)
+                for name in ("kernel", "block", "kernel2"):
+                    _cupy.SPLIT_REDUCE = name.rstrip("2")
+                    r[f"s{split}_{name}_us"] = graph_ms(
+                        over(pool, lambda lin: w4a16_gemm.gemm(x, lin.runtime, None, cfg)), len(pool)) * 1e3
+            rows.append(frac(r, nbytes + M * K * 2, bw))
+            print("splitk", json.dumps(rows[-1]), flush=True)
+        del pool
+    _cupy.SPLIT_REDUCE = "block"
+    return rows
+
+
+PARTS = dict(w4a16=w4a16_rows, dense=dense_rows, attention=attention_rows, fused_silu=silu_rows, splitk=splitk_rows)
 
 
 def main(argv=None) -> int:
