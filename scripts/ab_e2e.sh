@@ -2,7 +2,7 @@
 # End-to-end A/B of environment switches (the kernels read them at import) on the Llama-2-7B shape with
 # scripts/bench_decode.py: batch 1 (128 prompt / 256 new) and batch 64 (128 / 512), each variant twice, interleaved.
 #   bash scripts/ab_e2e.sh OUT "kernel:LMTRITON_SPLIT_REDUCE=kernel" "block:"    ->  $OUT/ab_e2e/*.json, summary.txt
-#   Q="--quant awq" bash scripts/ab_e2e.sh ...          (default Q: W4A16 g128 + KV int8)
+#   Q="--quant awq" ROUNDS=1 bash scripts/ab_e2e.sh ...   (default Q: W4A16 g128 + KV int8; ROUNDS: 2)
 set -u
 out=${1:?usage: ab_e2e.sh OUT_DIR NAME:ENV... }
 shift
@@ -10,7 +10,7 @@ d=$out/ab_e2e
 mkdir -p "$d"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee -a "$d/summary.txt"
-for i in 1 2; do
+for i in $(seq "${ROUNDS:-2}"); do
     for v in "$@"; do
         name=${v%%:*}
         sw=${v#*:}

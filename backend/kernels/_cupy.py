@@ -64,8 +64,9 @@ __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected
     if (last) __threadfence();
     return last;
 }
+// not volatile (as CUDA's __ldcg): volatile asm loads stay in program order and each waits for the use of the last
 __device__ __forceinline__ float ld_cg(const float* p) {
-    float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+    float v; asm("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
 }
 """
 
@@ -183,9 +184,9 @@ _outgrown = []     # replaced scratch buffers: a captured CUDA graph may still h
 
 
 def zeroed_scratch(name: str, nbytes: int, device: int):
-    """A per-device buffer of at least `nbytes` (int32 elements), zero when allocated and kept for the process. The
-    kernels that use one must leave it zero (the last block of a split reduction clears what its group wrote), and
-    calls that share it must run in stream order (the engine uses one stream). A buffer that has to grow is replaced
+    """A per-device buffer of at least `nbytes` (int32 elements), zero when allocated and kept for the process.
+    Counters in one must be left zero (arrive_last resets its group's), and calls that share one must run in stream
+    order (the engine uses one stream). A buffer that has to grow is replaced
     but never freed (graphs captured with it replay into it). None when it would have to grow during CUDA-graph
     capture: the caller then takes its path without it."""
     key = (name, device)

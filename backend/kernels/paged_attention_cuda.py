@@ -32,8 +32,10 @@ __device__ __forceinline__ float combine_splits(const float* part_acc, const flo
                                                 int nsplit, int n, int d) {
     const float* ml = part_ml + head * nsplit * 2;
     float mm = NEG_INF;
+#pragma unroll 4
     for (int s = 0; s < n; ++s) mm = fmaxf(mm, ld_cg(ml + s * 2));
     float ll = 0.f, aa = 0.f;
+#pragma unroll 4
     for (int s = 0; s < n; ++s) {
         const float c = rescale(ld_cg(ml + s * 2), mm);
         ll += ld_cg(ml + s * 2 + 1) * c;

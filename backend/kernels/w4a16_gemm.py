@@ -8,10 +8,10 @@ word is dequantized once and multiplied into MTW mma's. Small tiles (NTW=1, 4 wa
 blocks for a few hundred tokens; big ones amortize the dequantization at large M.
 Split-K (`splitk_config`, the dispatch's path for 32-64 tokens): all 8 warps side by side along N so that each
 weight is dequantized once for every token, and blockIdx.z takes a range of k-chunks so that the grid still fills
-the SMs; the blocks add fp32 partial sums into a zeroed workspace with atomics. The last block of a tile to arrive
-(`_cupy.arrive_last`, LMTRITON_SPLIT_REDUCE=block, the default) adds the bias, casts, and clears the tile's workspace
-and counter, so the workspace is a persistent per-device buffer that stays zero between calls: no fill launch and no
-second kernel. With =kernel a fresh zeroed workspace each call and `w4a16_splitk_finish` do that.
+the SMs. Each block stores its fp32 partial sums in its split's slice of a persistent per-device workspace; the last
+block of a tile to arrive (`_cupy.arrive_last`, LMTRITON_SPLIT_REDUCE=block, the default) sums the slices in split
+order (deterministic), adds the bias and casts: no fill launch, no atomics, no second kernel. With =kernel the
+blocks add into a zeroed workspace with atomics and `w4a16_splitk_finish` casts (the first design).
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 _GEMM = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, ZFRAC, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES,
-// SPLITK (blockIdx.z takes `per_split` k-chunks and adds its fp32 partial sums into `ws`; 2: the last block of a
-// tile finishes it, see arrive_last), MINB (blocks per SM)
+// SPLITK (blockIdx.z takes `per_split` k-chunks; 1: adds its fp32 partial sums into `ws` with atomics, a second
+// kernel finishes; 2: stores them in its slice of `ws`, and the last block of the tile to arrive sums the slices,
+// see arrive_last), MINB (blocks per SM)
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)
 #define WARPS_N (8 / WARPS_M)
 #define MTW (BM / 8 / WARPS_M)          // token tiles of 8 per warp
@@ -169,7 +170,13 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         for (int r = 0; r < 4; ++r) {
             const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
             if (n >= N) continue;
-#if SPLITK
+#if SPLITK == 2
+#pragma unroll
+            for (int m = 0; m < MTW; ++m) {
+                const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
+                if (tok < M) ws[((size_t)blockIdx.z * M + tok) * N + n] = acc[j][m][r];
+            }
+#elif SPLITK
 #pragma unroll
             for (int m = 0; m < MTW; ++m) {
                 const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
@@ -187,6 +194,25 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
     }
 #if SPLITK == 2
     if (!arrive_last(counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z)) return;
+    // the splits' partial sums in split order (deterministic), each split's loads all in flight at once
+#pragma unroll
+    for (int j = 0; j < NTW; ++j)
+#pragma unroll
+        for (int m = 0; m < MTW; ++m) acc[j][m][0] = acc[j][m][1] = acc[j][m][2] = acc[j][m][3] = 0.f;
+    for (int z = 0; z < (int)gridDim.z; ++z) {
+        const float* part = ws + (size_t)z * M * N;
+#pragma unroll
+        for (int j = 0; j < NTW; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
+#pragma unroll
+                for (int m = 0; m < MTW; ++m) {
+                    const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
+                    if (n < N && tok < M) acc[j][m][r] += ld_cg(part + (size_t)tok * N + n);
+                }
+            }
+    }
 #pragma unroll
     for (int j = 0; j < NTW; ++j) {
 #pragma unroll
@@ -197,10 +223,7 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #pragma unroll
             for (int m = 0; m < MTW; ++m) {
                 const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
-                if (tok >= M) continue;
-                float* p = ws + (size_t)tok * N + n;
-                y[(size_t)tok * N + n] = float_to_act(ld_cg(p) + b);
-                *p = 0.f;
+                if (tok < M) y[(size_t)tok * N + n] = float_to_act(acc[j][m][r] + b);
             }
         }
     }
@@ -305,7 +328,7 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     if cfg.splitk > 1:
         dev = x.device.index
         if cfg.in_kernel and _cupy.SPLIT_REDUCE == "block":
-            ws = _cupy.zeroed_scratch("w4a16_splitk_ws", M * N * 4, dev)
+            ws = _cupy.zeroed_scratch("w4a16_splitk_ws", grid[2] * M * N * 4, dev)
             counters = _cupy.zeroed_scratch("w4a16_splitk_counters", grid[0] * grid[1] * 4, dev)
         if ws is None or counters is None:      # a separate finish (or a buffer to grow inside graph capture)
             cfg, counters = replace(cfg, in_kernel=False), None
