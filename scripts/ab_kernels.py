@@ -5,8 +5,7 @@
 - tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again);
 - gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
   sweep of the fused kernel's configurations;
-- split-K W4A16 GEMM at 32-64 tokens: the tile finished by its last block vs the zeroed workspace + finish launch
-  (LMTRITON_SPLIT_REDUCE block / kernel, old again), at the automatic split and at half and twice of it.
+- split-K W4A16 GEMM at 32-64 tokens, at the automatic split count and at half and twice of it.
 Every time also as a fraction of the copy bandwidth measured in the same run.
     PYTHONPATH=. python3 scripts/ab_kernels.py OUT.json [w4a16|dense|attention|fused_silu|splitk ...]  (default: all)
 """
@@ -143,14 +142,11 @@ def splitk_rows(bw: float) -> list:
             r = dict(K=K, N=N, M=M, splitk=auto)
             for split in sorted({max(2, auto // 2), auto, 2 * auto}):
                 cfg = w4a16_gemm.splitk_config(M, N, K, sm, splitk=split)
-                for name in ("kernel", "block", "kernel2"):
-                    _cupy.SPLIT_REDUCE = name.rstrip("2")
-                    r[f"s{split}_{name}_us"] = graph_ms(
-                        over(pool, lambda lin: w4a16_gemm.gemm(x, lin.runtime, None, cfg)), len(pool)) * 1e3
+                r[f"s{split}_us"] = graph_ms(over(pool, lambda lin: w4a16_gemm.gemm(x, lin.runtime, None, cfg)),
+                                             len(pool)) * 1e3
             rows.append(frac(r, nbytes + M * K * 2, bw))
             print("splitk", json.dumps(rows[-1]), flush=True)
         del pool
-    _cupy.SPLIT_REDUCE = "block"
     return rows
 
 

@@ -47,10 +47,11 @@ PDL_MACROS = r"""
 // the previous grid's writes are visible after the wait; the next grid may launch (and wait) from the trigger on
 #define PDL_BEGIN() do { PDL_WAIT(); PDL_TRIGGER(); } while (0)
 """ + r"""
-// Split reductions in the kernel (SPLIT_REDUCE, `zeroed_scratch`): every block of a group publishes its part, then
-// counts itself in; the block that counts last sees every part, finishes the group and resets the counter, so the
-// counters (and a workspace the last block clears) are zero again for the next launch. Every thread of the block
-// must call it (1-D blocks). Reads of the other blocks' parts go through L2 (ld_cg).
+// Split reductions in the kernel (SPLIT_REDUCE, counters from `zeroed_scratch`): every block of a group publishes its
+// part, then counts itself in; the block that counts last sees every part, finishes the group and resets the counter,
+// so the counters are zero again for the next launch. Every thread of the block must call it (1-D blocks). Reads of
+// the other blocks' parts go through L2 (ld_cg). One block finishes a group: right for small groups (a split decode
+// attention head group), not for a 64 x 128 split-K GEMM tile (w4a16_gemm.py says what that measured).
 __device__ __forceinline__ bool arrive_last(unsigned* counter, unsigned expected) {
     __shared__ unsigned s_last;
     __threadfence();
@@ -185,8 +186,8 @@ _outgrown = []     # replaced scratch buffers: a captured CUDA graph may still h
 
 def zeroed_scratch(name: str, nbytes: int, device: int):
     """A per-device buffer of at least `nbytes` (int32 elements), zero when allocated and kept for the process.
-    Counters in one must be left zero (arrive_last resets its group's), and calls that share one must run in stream
-    order (the engine uses one stream). A buffer that has to grow is replaced
+    Kernels must leave one zero (arrive_last resets its group's counter, the split-K finish clears its workspace),
+    and calls that share one must run in stream order (the engine uses one stream). A buffer that has to grow is replaced
     but never freed (graphs captured with it replay into it). None when it would have to grow during CUDA-graph
     capture: the caller then takes its path without it."""
     key = (name, device)
@@ -254,9 +255,9 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     return value
 
 
-# How split partial results are combined (split-K W4A16 GEMM, split decode attention): "block" = the last block of
-# each group in the kernel itself (arrive_last: no workspace fill, no second launch), "kernel" = a separate launch
-# (and, for the GEMM, a workspace zeroed each call). LMTRITON_SPLIT_REDUCE.
+# How the splits of split decode attention are combined: "block" = the last CTA of each (sequence, KV head) group in
+# the kernel itself (arrive_last: no second launch), "kernel" = reduce_splits, a separate launch.
+# LMTRITON_SPLIT_REDUCE.
 SPLIT_REDUCE = env_choice("LMTRITON_SPLIT_REDUCE", "block", ("block", "kernel"))
 
 PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")

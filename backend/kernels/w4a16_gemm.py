@@ -8,10 +8,13 @@ word is dequantized once and multiplied into MTW mma's. Small tiles (NTW=1, 4 wa
 blocks for a few hundred tokens; big ones amortize the dequantization at large M.
 Split-K (`splitk_config`, the dispatch's path for 32-64 tokens): all 8 warps side by side along N so that each
 weight is dequantized once for every token, and blockIdx.z takes a range of k-chunks so that the grid still fills
-the SMs. Each block stores its fp32 partial sums in its split's slice of a persistent per-device workspace; the last
-block of a tile to arrive (`_cupy.arrive_last`, LMTRITON_SPLIT_REDUCE=block, the default) sums the slices in split
-order (deterministic), adds the bias and casts: no fill launch, no atomics, no second kernel. With =kernel the
-blocks add into a zeroed workspace with atomics and `w4a16_splitk_finish` casts (the first design).
+the SMs; the blocks add fp32 partial sums into a zeroed workspace with atomics and `w4a16_splitk_finish` adds the
+bias, casts and clears the workspace again: it is a persistent per-device buffer (`_cupy.zeroed_scratch`), so there
+is no fill launch (0.2 ms of a 9.3 ms W4A16 bs=64 step on the H100 before).
+Not kept: the finish in the kernel by the last block of a tile to arrive (`_cupy.arrive_last`, as the split decode
+attention does it), with atomics or with a workspace slice per split (deterministic): one block a tile finishing
+64 x 128 outputs is latency-bound, 1-8 us slower a GEMM at 32-64 tokens than the finish launch spread over every SM
+and 38 us at 16 splits (H100, 2026-12-06, `scripts/ab_kernels.py OUT splitk`; docs/benchmarks.md session 8).
 """
 from __future__ import annotations
 
@@ -25,9 +28,7 @@ from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 _GEMM = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, ZFRAC, BM (tokens per block), WARPS_M (warps along tokens), NTW (n-tiles per warp), STAGES,
-// SPLITK (blockIdx.z takes `per_split` k-chunks; 1: adds its fp32 partial sums into `ws` with atomics, a second
-// kernel finishes; 2: stores them in its slice of `ws`, and the last block of the tile to arrive sums the slices,
-// see arrive_last), MINB (blocks per SM)
+// SPLITK (blockIdx.z takes `per_split` k-chunks and adds its fp32 partial sums into `ws`), MINB (blocks per SM)
 #define NG_CHUNK ((GROUP_SIZE) == 32 ? 2 : 1)
 #define WARPS_N (8 / WARPS_M)
 #define MTW (BM / 8 / WARPS_M)          // token tiles of 8 per warp
@@ -41,7 +42,7 @@ _GEMM = DEVICE_HELPERS + r"""
 extern "C" __global__ void __launch_bounds__(256, MINB)
 w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u32* __restrict__ zero_words,
            const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K,
-           float* __restrict__ ws, int per_split, unsigned* __restrict__ counters) {
+           float* __restrict__ ws, int per_split) {
     PDL_BEGIN();
     extern __shared__ uint4 smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -170,13 +171,7 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
         for (int r = 0; r < 4; ++r) {
             const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
             if (n >= N) continue;
-#if SPLITK == 2
-#pragma unroll
-            for (int m = 0; m < MTW; ++m) {
-                const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
-                if (tok < M) ws[((size_t)blockIdx.z * M + tok) * N + n] = acc[j][m][r];
-            }
-#elif SPLITK
+#if SPLITK
 #pragma unroll
             for (int m = 0; m < MTW; ++m) {
                 const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
@@ -192,53 +187,19 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 #endif
         }
     }
-#if SPLITK == 2
-    if (!arrive_last(counters + blockIdx.y * gridDim.x + blockIdx.x, gridDim.z)) return;
-    // the splits' partial sums in split order (deterministic), each split's loads all in flight at once
-#pragma unroll
-    for (int j = 0; j < NTW; ++j)
-#pragma unroll
-        for (int m = 0; m < MTW; ++m) acc[j][m][0] = acc[j][m][1] = acc[j][m][2] = acc[j][m][3] = 0.f;
-    for (int z = 0; z < (int)gridDim.z; ++z) {
-        const float* part = ws + (size_t)z * M * N;
-#pragma unroll
-        for (int j = 0; j < NTW; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
-#pragma unroll
-                for (int m = 0; m < MTW; ++m) {
-                    const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
-                    if (n < N && tok < M) acc[j][m][r] += ld_cg(part + (size_t)tok * N + n);
-                }
-            }
-    }
-#pragma unroll
-    for (int j = 0; j < NTW; ++j) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int n = 16 * (ntb0 + wn * NTW + j) + g + 8 * (r >> 1);
-            if (n >= N) continue;
-            const float b = bias ? act_to_float(bias[n]) : 0.f;
-#pragma unroll
-            for (int m = 0; m < MTW; ++m) {
-                const int tok = m0 + 8 * (wm * MTW + m) + 2 * t + (r & 1);
-                if (tok < M) y[(size_t)tok * N + n] = float_to_act(acc[j][m][r] + b);
-            }
-        }
-    }
-#endif
 }
 """
 
 _FINISH = DEVICE_HELPERS + r"""
-// Split-K epilogue: y = ws (+ bias), in the activation dtype. One thread per output. -D: IS_BF16
-extern "C" __global__ void w4a16_splitk_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
+// Split-K epilogue: y = ws (+ bias), in the activation dtype, and ws = 0 for the next call. One thread per output.
+// -D: IS_BF16
+extern "C" __global__ void w4a16_splitk_finish(float* __restrict__ ws, const u16* __restrict__ bias,
                                                u16* __restrict__ y, int M, int N) {
     PDL_BEGIN();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)M * N) return;
     y[i] = float_to_act(ws[i] + (bias ? act_to_float(bias[i % N]) : 0.f));
+    ws[i] = 0.f;
 }
 """
 
@@ -275,7 +236,6 @@ class GemmConfig:
     ntw: int = 2       # n-tiles (16 channels) per warp; the block has ntw * (8 // warps_m) of them
     stages: int = 3
     splitk: int = 1    # blocks along K, their fp32 partial sums added in a workspace (few tokens: fills the SMs)
-    in_kernel: bool = True   # split-K: the last block of a tile finishes it (SPLITK=2) instead of a second launch
     minb: int = 1      # blocks per SM the compiler budgets registers for
 
     @property
@@ -287,7 +247,7 @@ class GemmConfig:
             raise ValueError(f"GemmConfig: bm={self.bm} must be a multiple of 8 * warps_m={self.warps_m}")
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DBM={self.bm}",
                 f"-DWARPS_M={self.warps_m}", f"-DNTW={self.ntw}", f"-DSTAGES={self.stages}",
-                f"-DSPLITK={(2 if self.in_kernel else 1) if self.splitk > 1 else 0}", f"-DMINB={self.minb}")
+                f"-DSPLITK={int(self.splitk > 1)}", f"-DMINB={self.minb}")
 
     def shared_bytes(self, group_size: int) -> int:
         ng = 2 if group_size == 32 else 1
@@ -324,23 +284,18 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     per_split = -(-nchunks // max(1, cfg.splitk))
     grid = (-(-N // cfg.bn), -(-M // cfg.bm), -(-nchunks // per_split))
     bias_arg = bias if bias is not None else np.uint64(0)
-    ws = counters = None
-    if cfg.splitk > 1:
-        dev = x.device.index
-        if cfg.in_kernel and _cupy.SPLIT_REDUCE == "block":
-            ws = _cupy.zeroed_scratch("w4a16_splitk_ws", grid[2] * M * N * 4, dev)
-            counters = _cupy.zeroed_scratch("w4a16_splitk_counters", grid[0] * grid[1] * 4, dev)
-        if ws is None or counters is None:      # a separate finish (or a buffer to grow inside graph capture)
-            cfg, counters = replace(cfg, in_kernel=False), None
+    ws = None
+    if cfg.splitk > 1:    # the persistent workspace (the finish clears it); a fresh one while capture would grow it
+        ws = _cupy.zeroed_scratch("w4a16_splitk_ws", M * N * 4, x.device.index)
+        if ws is None:
             ws = torch.zeros(M, N, dtype=torch.float32, device=x.device)
     kernel = _cupy.kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
                                       smem, x.device.index)
-    null = _cupy.null_ptr()
     _cupy.launch(kernel, grid, (256,), (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
-                                        np.int32(M), np.int32(N), np.int32(K), null if ws is None else ws,
-                                        np.int32(per_split), null if counters is None else counters),
+                                        np.int32(M), np.int32(N), np.int32(K),
+                                        ws if ws is not None else np.uint64(0), np.int32(per_split)),
                  shared_mem=smem)
-    if ws is not None and counters is None:
+    if ws is not None:
         finish = _cupy.get_kernel(_FINISH, "w4a16_splitk_finish", (f"-DIS_BF16={int(x.dtype == torch.bfloat16)}",),
                                   x.device.index)
         _cupy.launch(finish, (-(-(M * N) // 256),), (256,), (ws, bias_arg, y, np.int32(M), np.int32(N)))
