@@ -9,12 +9,11 @@ blocks for a few hundred tokens; big ones amortize the dequantization at large M
 Split-K (`splitk_config`, the dispatch's path for 32-64 tokens): all 8 warps side by side along N so that each
 weight is dequantized once for every token, and blockIdx.z takes a range of k-chunks so that the grid still fills
 the SMs; the blocks add fp32 partial sums into a zeroed workspace with atomics and `w4a16_splitk_finish` adds the
-bias, casts and clears the workspace again: it is a persistent per-device buffer (`_cupy.zeroed_scratch`), so there
-is no fill launch (0.2 ms of a 9.3 ms W4A16 bs=64 step on the H100 before).
+bias and casts.
 Not kept: the finish in the kernel by the last block of a tile to arrive (`_cupy.arrive_last`, as the split decode
 attention does it), with atomics or with a workspace slice per split (deterministic): one block a tile finishing
 64 x 128 outputs is latency-bound, 1-8 us slower a GEMM at 32-64 tokens than the finish launch spread over every SM
-and 38 us at 16 splits (H100, 2026-12-06, `scripts/ab_kernels.py OUT splitk`; docs/benchmarks.md session 8).
+and 38 us at 16 splits (H100, 2026-12-06; docs/benchmarks.md session 8).
 """
 from __future__ import annotations
 
@@ -191,15 +190,13 @@ w4a16_gemm(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u
 """
 
 _FINISH = DEVICE_HELPERS + r"""
-// Split-K epilogue: y = ws (+ bias), in the activation dtype, and ws = 0 for the next call. One thread per output.
-// -D: IS_BF16
-extern "C" __global__ void w4a16_splitk_finish(float* __restrict__ ws, const u16* __restrict__ bias,
+// Split-K epilogue: y = ws (+ bias), in the activation dtype. One thread per output. -D: IS_BF16
+extern "C" __global__ void w4a16_splitk_finish(const float* __restrict__ ws, const u16* __restrict__ bias,
                                                u16* __restrict__ y, int M, int N) {
     PDL_BEGIN();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)M * N) return;
     y[i] = float_to_act(ws[i] + (bias ? act_to_float(bias[i % N]) : 0.f));
-    ws[i] = 0.f;
 }
 """
 
@@ -280,17 +277,13 @@ def gemm(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: GemmConfig = None
     cfg = config or default_config(M)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     smem = cfg.shared_bytes(rt.group_size)
+    kernel = _cupy.kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
+                                      smem, x.device.index)
     nchunks = K // 64
     per_split = -(-nchunks // max(1, cfg.splitk))
     grid = (-(-N // cfg.bn), -(-M // cfg.bm), -(-nchunks // per_split))
     bias_arg = bias if bias is not None else np.uint64(0)
-    ws = None
-    if cfg.splitk > 1:    # the persistent workspace (the finish clears it); a fresh one while capture would grow it
-        ws = _cupy.zeroed_scratch("w4a16_splitk_ws", M * N * 4, x.device.index)
-        if ws is None:
-            ws = torch.zeros(M, N, dtype=torch.float32, device=x.device)
-    kernel = _cupy.kernel_with_shared(_GEMM, "w4a16_gemm", cfg.options(x.dtype, rt.group_size) + (rt.zero_option,),
-                                      smem, x.device.index)
+    ws = torch.zeros(M, N, dtype=torch.float32, device=x.device) if cfg.splitk > 1 else None
     _cupy.launch(kernel, grid, (256,), (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias_arg, y,
                                         np.int32(M), np.int32(N), np.int32(K),
                                         ws if ws is not None else np.uint64(0), np.int32(per_split)),
