@@ -86,7 +86,8 @@ def _import_error_with(name: str, value: str) -> str:
 @pytest.mark.parametrize("name,value,allowed", [("LMTRITON_ATTN_RAW_CODES", "int2", "none, int4, all"),
                                                 ("LMTRITON_W4A16_DECODE_LEAN", "yes", "auto, 0, 1"),
                                                 ("LMTRITON_FUSE_SILU", "on", "0, 1"),
-                                                ("LMTRITON_DECODE_ATTN", "tensor", "auto, cuda, mma")])
+                                                ("LMTRITON_DECODE_ATTN", "tensor", "auto, cuda, mma"),
+                                                ("LMTRITON_SPLIT_REDUCE", "last", "block, kernel")])
 def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
     assert f"{name} must be one of {allowed}, got '{value}'" in _import_error_with(name, value)
 
