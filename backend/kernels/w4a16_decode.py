@@ -12,7 +12,7 @@ A block owns NT n-tiles of 16 output channels; its KS warps split the k-chunks o
 start on a group boundary (or, IL, take interleaved batches so that the block reads KS * U adjacent chunks a
 step: faster for long K), and meet in shared memory at the end. With PDL (_cupy) the first batch of weights is
 loaded before the kernel waits for the previous one.
-The lean kernel (w4a16_decode_lean, DecodeConfig.lean; the default at group 128) has no bounds checks in its
+The lean kernel (w4a16_decode_lean, DecodeConfig.lean; the default at every group) has no bounds checks in its
 main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, so no register copies), every load
 is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a
 time. Lanes past the last token read token 0's activations instead of zeros (their output columns are never
