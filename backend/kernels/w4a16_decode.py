@@ -415,7 +415,7 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
     scripts/ab_kernels.py): interleaved batches at every group, and at group 64 twice the warps with half the
     chunks each (the block still reads 32 adjacent chunks a step: 4096x4096 4.95 -> 4.52 us, 11008x4096 11.3 ->
     10.3); at group 128 a grid of 8-warp blocks just over one wave (up to 1.5) takes 4 warps a block instead
-    (the qkv / up shapes, N x K = 11008 x 4096: 10.9 -> 10.0 us, 12288 x 4096: 11.4 -> 10.7, sessions 5 and 7).
+    (the qkv / up shapes, N x K = 11008 x 4096: 11.0 -> 10.1 us, 12288 x 4096: 11.4 -> 10.7, interleaved; session 7).
     `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
     sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
