@@ -3,7 +3,9 @@
 # every change in the tree has passed its GPU tests (docs/benchmarks.md, session 8); owed are figures:
 # 1. decode attention alone (16 x 4k, every KV dtype, both kernels) with the split combine in the last CTA
 #    (LMTRITON_SPLIT_REDUCE=block, the default since session 8) against reduce_splits (=kernel), same machine;
-# 2. the whole GPU suite once more, under scripts/capture_probe.py (names a call that invalidates a CUDA-graph capture).
+# 2. the wgmma W4A16 GEMM prototype (scripts/proto_wgmma_gemm.py, written without a GPU): correct? faster than the
+#    split-K mma.sync GEMM at 32 / 64 tokens?
+# 3. the whole GPU suite once more, under scripts/capture_probe.py (names a call that invalidates a CUDA-graph capture).
 # Then `bash scripts/bench_issue4.sh $OUT` in a second call for the issue-4 table with the session-8 defaults.
 #   bash scripts/gpu_verify.sh "$OUT"      ->  $OUT/verify/*.log, $OUT/summary.txt, $OUT/attention_*.json
 set -u
@@ -24,6 +26,9 @@ for m in kernel block kernel; do
     LMTRITON_SPLIT_REDUCE=$m timeout 90 python3 scripts/bench_attention.py --no-prefill --out "$out/attention_$m.json" \
         2>&1 | grep -E "^decode" | sed "s/^/$m /" | tee -a "$out/summary.txt"
 done
+timeout 150 python3 scripts/proto_wgmma_gemm.py --time > "$d/proto_wgmma.log" 2>&1
+echo "proto_wgmma rc=$?" | tee -a "$out/summary.txt"
+grep -E "^(FAIL|K=)" "$d/proto_wgmma.log" | head -20 | tee -a "$out/summary.txt"
 left=$(( 560 - ($(date +%s) - t0) ))
 [ "$left" -gt 60 ] && step all "$left" -p scripts.capture_probe --continue-on-collection-errors tests/
 grep -hE "^(FAILED|ERROR)" "$d"/*.log | cut -c1-200 | sort | uniq | head -30 | tee -a "$out/summary.txt"
