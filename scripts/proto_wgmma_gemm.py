@@ -30,6 +30,7 @@ import torch
 
 from backend.kernels import _cupy, w4a16, w4a16_gemm
 from backend.kernels.w4a16_runtime import DEVICE_HELPERS
+from scripts.sass_size import nvrtc_output
 
 
 def _perm() -> list:
@@ -167,17 +168,10 @@ w4a16_wgmma(const uint4* __restrict__ qw, const u32* __restrict__ scales, const 
 def _kernel(options: tuple, device: int):
     """NVRTC -> cubin for sm_90a (cupy's own compile names sm_90, which has no wgmma), loaded with cupy."""
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
-    prog = nvrtc.createProgram(SOURCE, "proto_wgmma.cu", [], [])
-    try:
-        nvrtc.compileProgram(prog, ["-arch=sm_90a", "--std=c++17", *options])
-    except Exception:
-        sys.stderr.write(nvrtc.getProgramLog(prog))
-        raise
-    cubin = nvrtc.getCUBIN(prog)
+    cubin = nvrtc_output(SOURCE, options, arch="sm_90a", cubin=True)
     fd, path = tempfile.mkstemp(suffix=".cubin")
     with os.fdopen(fd, "wb") as f:
-        f.write(cubin if isinstance(cubin, bytes) else bytes(cubin))
+        f.write(cubin)
     with cupy.cuda.Device(device):
         return cupy.RawModule(path=path).get_function("w4a16_wgmma")
 

@@ -16,16 +16,21 @@ import sys
 import tempfile
 
 
-def ptx(source: str, options) -> bytes:
+def nvrtc_output(source: str, options, arch: str = "compute_90", cubin: bool = False) -> bytes:
+    """NVRTC's PTX (arch compute_XX) or cubin (arch sm_XX[a]) of `source`; the compile log on stderr if it fails."""
     from cupy_backends.cuda.libs import nvrtc
     prog = nvrtc.createProgram(source, "k.cu", [], [])
     try:
-        nvrtc.compileProgram(prog, ["-arch=compute_90", "-std=c++17", *options])
+        nvrtc.compileProgram(prog, [f"-arch={arch}", "-std=c++17", *options])
     except Exception:
         sys.stderr.write(nvrtc.getProgramLog(prog))
         raise
-    out = nvrtc.getPTX(prog)
-    return out if isinstance(out, bytes) else out.encode()
+    out = nvrtc.getCUBIN(prog) if cubin else nvrtc.getPTX(prog)
+    return out if isinstance(out, bytes) else bytes(out) if cubin else out.encode()
+
+
+def ptx(source: str, options) -> bytes:
+    return nvrtc_output(source, options)
 
 
 def text_sizes(cubin: bytes) -> dict:
