@@ -187,9 +187,9 @@ _outgrown = []     # replaced scratch buffers: a captured CUDA graph may still h
 def zeroed_scratch(name: str, nbytes: int, device: int):
     """A per-device buffer of at least `nbytes` (int32 elements), zero when allocated and kept for the process.
     Counters in one must be left zero (arrive_last resets its group's), and calls that share one must run in stream
-    order (the engine uses one stream). A buffer that has to grow is replaced
-    but never freed (graphs captured with it replay into it). None when it would have to grow during CUDA-graph
-    capture: the caller then takes its path without it."""
+    order (the engine uses one stream). A buffer that has to grow is replaced but never freed (graphs captured with
+    it replay into it). None when it would have to grow during CUDA-graph capture: the caller then takes its path
+    without it."""
     key = (name, device)
     buf = _scratch.get(key)
     if buf is None or buf.numel() * 4 < nbytes:
