@@ -329,4 +329,3 @@ def test_kernels_replay_in_cuda_graph(gpu_linears):
     graph.replay()
     torch.cuda.synchronize()
     _check(y, _ref(x, lin), torch.float16)
-
