@@ -12,6 +12,8 @@ K-major layout that the descriptor names. The runtime layout gives lane (g, t) t
 k-tile (h, jj), not the mma's standard columns, so the activations are permuted the same way inside each chunk of
 64 (`PERM`: mma column -> input) before the kernel; a real version would fold that into the producer of x.
 Split-K over blockIdx.z as the mma.sync GEMM (fp32 atomics into a zeroed workspace, then its finish kernel).
+v1 waits for each chunk's wgmma before dequantizing the next; OVERLAP (v2) dequantizes chunk c + 1 into a second
+register set while chunk c's wgmma run (wait_group 1), with the tile ring refilled two chunks behind.
 
     PYTHONPATH=. python3 scripts/proto_wgmma_gemm.py [--time]   (on the device; compiles with NVRTC for sm_90a)
 checks the kernel against the reference at groups 128 / 64 / 32, fp16 / bf16, 1 / 17 / 64 tokens, with and without
@@ -60,7 +62,8 @@ def _wgmma_asm() -> str:
 
 
 SOURCE = DEVICE_HELPERS + r"""
-// -D: IS_BF16, GROUP_SIZE, ZFRAC, WG (warpgroups a block, 64 channels each), STAGES, SPLITK
+// -D: IS_BF16, GROUP_SIZE, ZFRAC, WG (warpgroups a block, 64 channels each), STAGES (>= 3 with OVERLAP), SPLITK,
+// OVERLAP (dequantize the next chunk while this one's wgmma run)
 #if IS_BF16
 #define AB_T "bf16"
 #else
@@ -80,6 +83,7 @@ WGMMA_ASM}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1)
@@ -119,6 +123,19 @@ w4a16_wgmma(const uint4* __restrict__ qw, const u32* __restrict__ scales, const 
     float d[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    auto dequant = [&](const uint4& w, const GroupParams (&gp)[NGC], u32 (&a)[4][4]) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s) dequant_word(word_of(w, s), gp[NGC == 2 ? s >> 1 : 0], a[s]);
+    };
+    auto mma_chunk = [&](const u32 (&a)[4][4], int slot) {
+        const u32 st = sbase + slot * TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_64x64x16(d, a[s], sw128_desc(st + 32 * s));
+        wgmma_commit();
+    };
+#if !OVERLAP
+    // v1: dequantize, wait for the tile, multiply, wait for the multiply; the next chunk's weights load meanwhile.
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) { load_x(s, c_begin + s); cp_async_commit(); }
     uint4 w_cur = u4(0u, 0u, 0u, 0u);
@@ -130,23 +147,56 @@ w4a16_wgmma(const uint4* __restrict__ qw, const u32* __restrict__ scales, const 
         GroupParams gp_next[NGC];
         if (c + 1 < c_end) { w_next = ld_stream(wsrc + (size_t)(c + 1) * 32); params(c + 1, gp_next); }
         u32 a[4][4];
-#pragma unroll
-        for (int s = 0; s < 4; ++s) dequant_word(word_of(w_cur, s), gp_cur[NGC == 2 ? s >> 1 : 0], a[s]);
+        dequant(w_cur, gp_cur, a);
         cp_async_wait<STAGES - 2>();
         fence_proxy_async();                  // this thread's cp.async writes, visible to the async proxy (wgmma)
         __syncthreads();                      // chunk c landed for all; every warpgroup waited for chunk c - 1
         load_x((i + STAGES - 1) % STAGES, c + STAGES - 1);
         cp_async_commit();
-        const u32 st = sbase + (i % STAGES) * TILE_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < 4; ++s) wgmma_64x64x16(d, a[s], sw128_desc(st + 32 * s));
-        wgmma_commit();
+        mma_chunk(a, i % STAGES);
         wgmma_wait0();
         w_cur = w_next;
 #pragma unroll
         for (int q = 0; q < NGC; ++q) gp_cur[q] = gp_next[q];
     }
+#else
+    // v2: chunk c's wgmma run while chunk c + 1 is dequantized into the other register set. wait_group 1 after
+    // committing c means c - 1 is done: its registers are free, and after the next barrier its tile too, so the
+    // refill goes to the slot of chunk c - 2 ... i.e. tiles are prefetched STAGES - 2 chunks ahead.
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) { load_x(s, c_begin + s); cp_async_commit(); }
+    u32 a0[4][4], a1[4][4];
+    uint4 w1 = u4(0u, 0u, 0u, 0u);            // weights of the chunk after the one being dequantized
+    GroupParams gp1[NGC];
+    if (c_begin < c_end) {
+        GroupParams gp0[NGC];
+        params(c_begin, gp0);
+        dequant(ld_stream(wsrc + (size_t)c_begin * 32), gp0, a0);
+        if (c_begin + 1 < c_end) { w1 = ld_stream(wsrc + (size_t)(c_begin + 1) * 32); params(c_begin + 1, gp1); }
+    }
+    auto step = [&](int c, const u32 (&a_cur)[4][4], u32 (&a_next)[4][4]) {
+        const int i = c - c_begin;
+        cp_async_wait<STAGES - 3>();
+        fence_proxy_async();
+        __syncthreads();                      // chunk c landed for all; every warpgroup's chunk c - 2 multiply is done
+        load_x((i + STAGES - 2) % STAGES, c + STAGES - 2);
+        cp_async_commit();
+        mma_chunk(a_cur, i % STAGES);
+        uint4 w2 = w1;
+        GroupParams gp2[NGC];
+        if (c + 2 < c_end) { w2 = ld_stream(wsrc + (size_t)(c + 2) * 32); params(c + 2, gp2); }
+        wgmma_wait1();                        // chunk c - 1 done: a_next is free
+        if (c + 1 < c_end) dequant(w1, gp1, a_next);
+        w1 = w2;
+#pragma unroll
+        for (int q = 0; q < NGC; ++q) gp1[q] = gp2[q];
+    };
+    for (int c = c_begin; c < c_end; c += 2) {
+        step(c, a0, a1);
+        if (c + 1 < c_end) step(c + 1, a1, a0);
+    }
+    wgmma_wait0();
+#endif
     cp_async_wait<0>();
     if (nt >= ntiles) return;
     // d[i]: channel 16 nt + g + 8 ((i >> 1) & 1), token 8 (i >> 2) + 2t + (i & 1)
@@ -183,14 +233,15 @@ def permute(x: torch.Tensor) -> torch.Tensor:
     return x.view(M, K // 64, 64)[:, :, idx].reshape(M, K).contiguous()
 
 
-def gemm(x: torch.Tensor, rt, bias=None, splitk: int = 1, wg: int = 2, stages: int = 4, xp=None) -> torch.Tensor:
+def gemm(x: torch.Tensor, rt, bias=None, splitk: int = 1, wg: int = 2, stages: int = 4, overlap: bool = False,
+         xp=None) -> torch.Tensor:
     M, K = x.shape
     N = rt.out_features
     assert 1 <= M <= 64 and K % 64 == 0 and N % 16 == 0
     xp = permute(x) if xp is None else xp
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     opts = (f"-DIS_BF16={int(x.dtype == torch.bfloat16)}", f"-DGROUP_SIZE={rt.group_size}", rt.zero_option,
-            f"-DWG={wg}", f"-DSTAGES={stages}", f"-DSPLITK={int(splitk > 1)}")
+            f"-DWG={wg}", f"-DSTAGES={stages}", f"-DSPLITK={int(splitk > 1)}", f"-DOVERLAP={int(overlap)}")
     kernel = _kernel(opts, x.device.index)
     nchunks = K // 64
     per_split = -(-nchunks // splitk)
@@ -219,13 +270,13 @@ def check() -> int:
             for M in (1, 17, 64):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 ref = w4a16.w4a16_linear_ref(x.float(), lin.qweight, lin.zeros, lin.scales, group, lin.bias.float())
-                for splitk in (1, 3):
-                    got = gemm(x, rt, lin.bias.to(dtype), splitk=splitk).float()
+                for splitk, wg, overlap in ((1, 2, False), (3, 2, False), (1, 2, True), (3, 1, True)):
+                    got = gemm(x, rt, lin.bias.to(dtype), splitk=splitk, wg=wg, overlap=overlap).float()
                     rel = float((got - ref).norm() / ref.norm())
                     ok = rel < (2e-3 if dtype == torch.float16 else 1.5e-2)
                     failures += not ok
                     print(f"{'ok  ' if ok else 'FAIL'} K={K} N={N} g={group} {str(dtype)[6:]} M={M} splitk={splitk} "
-                          f"rel err {rel:.2e}", flush=True)
+                          f"wg={wg} overlap={int(overlap)} rel err {rel:.2e}", flush=True)
     return failures
 
 
@@ -241,10 +292,13 @@ def time_against_mma_sync() -> None:
             cfg = w4a16_gemm.splitk_config(M, N, K, sm)
             row = {"mma.sync split-K": graph_ms(over(pool, lambda lin: w4a16_gemm.gemm(x, lin.runtime, None, cfg)),
                                                 len(pool)) * 1e3}
-            tiles = -(-(N // 16) // 8)
-            for splitk in sorted({1, max(1, round(sm / tiles)), max(1, round(2 * sm / tiles))}):
-                row[f"wgmma split {splitk}"] = graph_ms(
-                    over(pool, lambda lin: gemm(x, lin.runtime, None, splitk=splitk, xp=xp)), len(pool)) * 1e3
+            for wg in (1, 2):
+                tiles = -(-(N // 16) // (4 * wg))
+                for splitk in sorted({1, max(1, round(sm / tiles)), max(1, round(2 * sm / tiles))}):
+                    for overlap in (False, True):
+                        row[f"wgmma wg{wg} split {splitk}{' overlap' if overlap else ''}"] = graph_ms(
+                            over(pool, lambda lin: gemm(x, lin.runtime, None, splitk=splitk, wg=wg, overlap=overlap,
+                                                        xp=xp)), len(pool)) * 1e3
             row["permute x"] = graph_ms(lambda: permute(x), 1) * 1e3
             print(f"K={K} N={N} M={M}: " + ", ".join(f"{k} {v:.1f} us" for k, v in row.items()), flush=True)
         del pool
