@@ -26,7 +26,7 @@ for m in kernel block kernel; do
     LMTRITON_SPLIT_REDUCE=$m timeout 90 python3 scripts/bench_attention.py --no-prefill --out "$out/attention_$m.json" \
         2>&1 | grep -E "^decode" | sed "s/^/$m /" | tee -a "$out/summary.txt"
 done
-timeout 150 python3 scripts/proto_wgmma_gemm.py --time > "$d/proto_wgmma.log" 2>&1
+timeout 200 python3 scripts/proto_wgmma_gemm.py --time > "$d/proto_wgmma.log" 2>&1
 echo "proto_wgmma rc=$?" | tee -a "$out/summary.txt"
 grep -E "^(FAIL|K=)" "$d/proto_wgmma.log" | head -20 | tee -a "$out/summary.txt"
 left=$(( 560 - ($(date +%s) - t0) ))
