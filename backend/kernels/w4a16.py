@@ -156,12 +156,17 @@ def _use_splitk(T: int, rt: W4A16Runtime) -> bool:
     return SPLITK_MIN_TOKENS <= T <= GEMV_MAX_TOKENS and (T >= 48 or big)
 
 
+def runtime_of(linear):
+    """The Linear's runtime layout, prepared on first use (False: shapes the kernels do not take)."""
+    return prepare(linear) if linear.runtime is None else linear.runtime
+
+
 def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
     """x: [..., in] -> [..., out]. CUDA fp16/bf16: GEMV, tensor-core GEMM or dequant + cuBLAS by token count."""
     bias = linear.bias
-    if not (_cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16)):
+    if not (_cupy.available(x) and _cupy.supports_dtype(x)):
         return w4a16_linear_ref(x, linear.qweight, linear.zeros, linear.scales, linear.group_size, bias)
-    rt = prepare(linear) if linear.runtime is None else linear.runtime
+    rt = runtime_of(linear)
     if rt is None or rt is False:
         return F.linear(x, linear.dense_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, x.shape[-1])                                   # [T, in]
@@ -189,11 +194,11 @@ def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
     """silu(gate) * up of a fused [gate | up] W4A16 projection: x [..., in] -> [..., out / 2]. With FUSE_SILU, 1-8
     tokens on CUDA take w4a16_decode.gemv_silu (one kernel) where the lean kernel is the default (every group unless
     LMTRITON_W4A16_DECODE_LEAN=0); everything else the projection, then silu_and_mul."""
-    if activation.FUSE_SILU and _cupy.available(x) and x.dtype in (torch.float16, torch.bfloat16):
-        rt = prepare(linear) if linear.runtime is None else linear.runtime
+    if activation.FUSE_SILU and _cupy.available(x) and _cupy.supports_dtype(x):
+        rt = runtime_of(linear)
         x2 = x.reshape(-1, x.shape[-1])
         if (rt and w4a16_decode.gated_supported(rt, x2.shape[0]) and x2.is_contiguous() and x2.data_ptr() % 16 == 0
-                and w4a16_decode.lean_default(rt.group_size)):
+                and w4a16_decode.lean_default()):
             b = None if linear.bias is None else linear.bias.to(x.dtype).contiguous()
             return w4a16_decode.gemv_silu(x2, rt, b).reshape(*x.shape[:-1], rt.out_features // 2)
     return activation.silu_and_mul(w4a16_linear(x, linear))

@@ -403,8 +403,8 @@ class DecodeConfig:
         return -(-(-(-nchunks // self.ks)) // cpg) * cpg
 
 
-def lean_default(group_size: int) -> bool:
-    """Whether default_config takes the lean kernel at this group size (LEAN)."""
+def lean_default() -> bool:
+    """Whether default_config takes the lean kernel (LEAN: every group size unless 0)."""
     return LEAN != "0"
 
 
@@ -423,7 +423,7 @@ def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
     if lean is None:
-        lean = lean_default(group_size)
+        lean = lean_default()
     u = 2 if ntiles * ks > 32 * sm or (group_size == 32 and not lean) else 4
     if not lean:
         # interleaved at long K: 11008x4096 11.7 -> 10.9 us (--sweep 1, H200)
