@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The session-5 kernels (lean W4A16 decode GEMV, dense decode GEMV, RAW-code attention) against what they replace,
-# in one device call (~6 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end with each switch off, at
-# its default, and with LMTRITON_FUSE_SILU=1, twice, interleaved (scripts/bench_decode.py; the switches are
-# read at import).
-#   bash scripts/bench_session5.sh "$OUT"      ->  $OUT/session5/*.json, $OUT/session5/summary.txt
-#   MODES="default fuse_silu" bash scripts/bench_session5.sh "$OUT"    (a subset of the e2e modes)
+# in one device call (~6 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end (fp16, then W4A16 + KV
+# int8; prompt 128 / 128 new, batch 1 and 64) with those switches off, at their defaults, and with the fused
+# SiLU·mul off (LMTRITON_FUSE_SILU=0), twice, interleaved (scripts/ab_e2e.sh).
+#   bash scripts/bench_session5.sh "$OUT"      ->  $OUT/session5/ab_kernels.*, $OUT/session5/{fp16,awq_kvint8}/ab_e2e/
+#   MODES="default unfused" bash scripts/bench_session5.sh "$OUT"    (a subset of the e2e modes)
 set -u
 out=${1:?usage: bench_session5.sh OUT_DIR}
 d=$out/session5
@@ -12,15 +12,14 @@ mkdir -p "$d"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$d/summary.txt"
 timeout 300 python3 scripts/ab_kernels.py "$d/ab_kernels.json" > "$d/ab_kernels.log" 2>&1
-off="LMTRITON_DENSE_GEMV=0 LMTRITON_W4A16_DECODE_LEAN=0 LMTRITON_ATTN_RAW_CODES=none"
-for i in 1 2; do
-    for q in "" "--quant awq --kv int8"; do
-        for mode in ${MODES:-off default fuse_silu}; do
-            name=e2e_${mode}${q:+_awq_kvint8}_$i
-            case $mode in off) sw=$off ;; fuse_silu) sw=LMTRITON_FUSE_SILU=1 ;; *) sw= ;; esac
-            env $sw timeout 100 python3 scripts/bench_decode.py --model llama2-7b \
-                --cache-max-entry-count 0.3 $q --hf none --new 128 --batch 64 --ttft-prompt 128 --out "$d/$name.json" \
-                2>&1 | grep -E "^bs=" | sed "s/^/$name /" | tee -a "$d/summary.txt"
-        done
-    done
+variants=()
+for mode in ${MODES:-off default unfused}; do
+    case $mode in
+        off) variants+=("off:LMTRITON_DENSE_GEMV=0 LMTRITON_W4A16_DECODE_LEAN=0 LMTRITON_ATTN_RAW_CODES=none") ;;
+        unfused) variants+=("unfused:LMTRITON_FUSE_SILU=0") ;;
+        *) variants+=("$mode:") ;;
+    esac
 done
+export ARGS="--cache-max-entry-count 0.3 --new 128 --batch 64 --ttft-prompt 128"
+Q="" bash scripts/ab_e2e.sh "$d/fp16" "${variants[@]}"
+Q="--quant awq --kv int8" bash scripts/ab_e2e.sh "$d/awq_kvint8" "${variants[@]}"
