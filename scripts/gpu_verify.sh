@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks owed by the latest session, in one device call (<= 9.5 min), most important first. After session 8
-# every change in the tree has passed its GPU tests (docs/benchmarks.md, session 8); owed are figures:
-# 1. decode attention alone (16 x 4k, every KV dtype, both kernels) with the split combine in the last CTA
-#    (LMTRITON_SPLIT_REDUCE=block, the default since session 8) against reduce_splits (=kernel), same machine;
-# 2. the wgmma W4A16 GEMM prototype (scripts/proto_wgmma_gemm.py, written without a GPU): correct? faster than the
-#    split-K mma.sync GEMM at 32 / 64 tokens?
-# 3. the whole GPU suite once more, under scripts/capture_probe.py (names a call that invalidates a CUDA-graph capture).
-# Then `bash scripts/bench_issue4.sh $OUT` in a second call for the issue-4 table with the session-8 defaults.
+# The GPU checks of a session's end, in one device call (<= 9.5 min), most important first. Nothing is owed after
+# session 9 (every change in the tree passed its GPU tests, docs/benchmarks.md session 9); what it runs:
+# 1. decode attention alone (16 x 4k, every KV dtype, both kernels) with each way of combining the splits
+#    (LMTRITON_SPLIT_REDUCE=kernel | block | auto, the default: block on small grids only), same machine;
+# 2. the wgmma W4A16 GEMM prototype (scripts/proto_wgmma_gemm.py --time) against the split-K mma.sync GEMM;
+# 3. the whole GPU suite, under scripts/capture_probe.py (names a call that invalidates a CUDA-graph capture).
+# Then `bash scripts/bench_issue4.sh $OUT` in a second call for the issue-4 table.
 #   bash scripts/gpu_verify.sh "$OUT"      ->  $OUT/verify/*.log, $OUT/summary.txt, $OUT/attention_*.json
 set -u
 out=${1:?usage: gpu_verify.sh OUT_DIR}
@@ -22,7 +21,7 @@ step() {   # name, timeout seconds, pytest arguments...
     grep -A16 "CAPTURE INVALIDATED" "$d/$name.log" | head -40 | tee -a "$out/summary.txt"
 }
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/summary.txt"
-for m in kernel block kernel; do
+for m in kernel block auto; do
     LMTRITON_SPLIT_REDUCE=$m timeout 90 python3 scripts/bench_attention.py --no-prefill --out "$out/attention_$m.json" \
         2>&1 | grep -E "^decode" | sed "s/^/$m /" | tee -a "$out/summary.txt"
 done

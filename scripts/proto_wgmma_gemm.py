@@ -1,5 +1,10 @@
-"""Prototype, not yet run on a GPU: a W4A16 GEMM for 1-64 tokens on Hopper's wgmma (sm_90a), to compare with the
-split-K mma.sync GEMM (backend/kernels/w4a16_gemm.py) before anything of it goes into the backend.
+"""Prototype: a W4A16 GEMM for 1-64 tokens on Hopper's wgmma (sm_90a), to compare with the split-K mma.sync GEMM
+(backend/kernels/w4a16_gemm.py) before anything of it goes into the backend.
+
+Result (H100, 2026-12-06, docs/benchmarks.md session 9): correct everywhere (96 cases, rel err ~2e-4), but faster than
+the split-K mma.sync GEMM only on the two widest 7B layers at 64 tokens (4096x12288: 43.2 against 47.2 us; 4096x22016:
+61.3 against 70.2) and 1.2-5x slower elsewhere; the permutation of x (below) would eat most of that gain unless
+folded into the RMSNorm that produces x. Not integrated.
 
 Why: at batch 64 the split-K GEMM runs the 7B layers at ~166 TFLOP/s (docs/benchmarks.md, session 8); the issue's
 batch-64 target needs several times that.
@@ -226,11 +231,15 @@ def _kernel(options: tuple, device: int):
         return cupy.RawModule(path=path).get_function("w4a16_wgmma")
 
 
+@functools.lru_cache(maxsize=None)
+def _perm_index(device: torch.device) -> torch.Tensor:
+    return torch.tensor(PERM, device=device)     # made once, outside graph capture (the --time loop captures permute)
+
+
 def permute(x: torch.Tensor) -> torch.Tensor:
     """Tokens [M, K] -> the runtime layout's input order inside each chunk of 64."""
     M, K = x.shape
-    idx = torch.tensor(PERM, device=x.device)
-    return x.view(M, K // 64, 64)[:, :, idx].reshape(M, K).contiguous()
+    return x.view(M, K // 64, 64)[:, :, _perm_index(x.device)].reshape(M, K).contiguous()
 
 
 def gemm(x: torch.Tensor, rt, bias=None, splitk: int = 1, wg: int = 2, stages: int = 4, overlap: bool = False,

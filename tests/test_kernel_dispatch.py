@@ -22,6 +22,15 @@ def test_default_partition_follows_the_kernel_choice():
     assert pa.default_partition(64, 32, 32, "auto", "int8") == pa.PARTITION
 
 
+def test_split_reduce_auto_combines_in_the_last_cta_only_on_small_grids(monkeypatch):
+    monkeypatch.setattr(pa._cupy, "SPLIT_REDUCE", "auto")
+    assert pa.block_reduce(1, 32, 32, "auto", "int8") and pa.block_reduce(1, 32, 8, "auto")        # bs=1
+    assert not pa.block_reduce(16, 32, 8, "auto") and not pa.block_reduce(16, 32, 32, "auto")     # 16 x 4k
+    for mode, want in (("block", True), ("kernel", False)):
+        monkeypatch.setattr(pa._cupy, "SPLIT_REDUCE", mode)
+        assert pa.block_reduce(16, 32, 8, "auto") is want and pa.block_reduce(1, 32, 8, "auto") is want
+
+
 def test_split_cap_bounds_the_grid_not_the_context(monkeypatch):
     """A CUDA graph passes session_len as the bound: the tensor-core kernel's split count stops at
     SPLIT_CTAS_PER_SM CTAs an SM and longer contexts get longer splits; the CUDA-core kernel is not capped."""
@@ -87,7 +96,7 @@ def _import_error_with(name: str, value: str) -> str:
                                                 ("LMTRITON_W4A16_DECODE_LEAN", "yes", "auto, 0, 1"),
                                                 ("LMTRITON_FUSE_SILU", "on", "0, 1"),
                                                 ("LMTRITON_DECODE_ATTN", "tensor", "auto, cuda, mma"),
-                                                ("LMTRITON_SPLIT_REDUCE", "last", "block, kernel")])
+                                                ("LMTRITON_SPLIT_REDUCE", "last", "auto, block, kernel")])
 def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
     assert f"{name} must be one of {allowed}, got '{value}'" in _import_error_with(name, value)
 

@@ -256,9 +256,9 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
 
 
 # How the splits of split decode attention are combined: "block" = the last CTA of each (sequence, KV head) group in
-# the kernel itself (arrive_last: no second launch), "kernel" = reduce_splits, a separate launch.
-# LMTRITON_SPLIT_REDUCE.
-SPLIT_REDUCE = env_choice("LMTRITON_SPLIT_REDUCE", "block", ("block", "kernel"))
+# the kernel itself (arrive_last: no second launch), "kernel" = reduce_splits, a separate launch, "auto" = block for
+# small grids only (paged_attention.block_reduce). LMTRITON_SPLIT_REDUCE.
+SPLIT_REDUCE = env_choice("LMTRITON_SPLIT_REDUCE", "auto", ("auto", "block", "kernel"))
 
 PDL_MODE = os.environ.get("LMTRITON_PDL", "auto")
 _PDL_MODES = ("auto", "0", "1")

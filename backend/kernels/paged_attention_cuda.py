@@ -6,8 +6,8 @@ HEAD_DIM / 8 lanes owns one token at a time, each lane 8 dimensions (16-byte loa
 loads of int8/int4 codes, dequantized in registers with the token's (scale, zero)). Token groups combine through
 shuffles, warps through shared memory.
 One split writes the output; several write float32 partials that the last CTA of the (sequence, heads) group to
-finish combines (SPLIT_REDUCE=1, `_cupy.arrive_last`; LMTRITON_SPLIT_REDUCE=block, the default), or `reduce_splits`,
-a second launch (=kernel).
+finish combines (SPLIT_REDUCE=1, `_cupy.arrive_last`; LMTRITON_SPLIT_REDUCE=block, and auto on small grids), or
+`reduce_splits`, a second launch (=kernel, and auto on bigger grids: paged_attention.block_reduce).
 Scores live in the log2 domain (q is pre-scaled by softmax_scale * log2(e)), so exp2f does the softmax.
 Compile-time: IS_BF16, HEAD_DIM (64 | 128), KV_KIND (0 fp16/bf16, 1 int8, 2 int4), REP (1..8).
 """
