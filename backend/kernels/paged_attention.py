@@ -114,7 +114,7 @@ def default_partition(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = 
 def block_reduce(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> bool:
     """Whether the last CTA of each group combines the splits (no reduce_splits launch). auto: only where one split's
     grid is small (SMALL_GRID, bs=1): there the second launch is a visible part of the step (Llama-2-7B W4A16 bs=1:
-    1.97 -> 1.95 ms); on bigger grids the combining CTAs lengthen the kernel's tail (16 x 4k alone: 6-17% slower)."""
+    1.97 -> 1.95 ms); on bigger grids the combining CTAs lengthen the kernel's tail (16 x 4k alone: 2-23% slower, session 9)."""
     if _cupy.SPLIT_REDUCE != "auto":
         return _cupy.SPLIT_REDUCE == "block"
     return ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID
