@@ -106,18 +106,24 @@ def ctas_per_split(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "au
     return b * hk if use_mma(hq, hk, impl, kv_dtype) else b * (hq // rep_tile(hq // hk))
 
 
+def small_grid(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> bool:
+    """One split's grid is below SMALL_GRID CTAs (bs=1): short partitions, and (auto) the combine in the last CTA."""
+    return ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID
+
+
 def default_partition(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> int:
-    """Tokens per split: the small partition when one split's grid is below SMALL_GRID CTAs."""
-    return SMALL_PARTITION if ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID else PARTITION
+    """Tokens per split: the small partition on a small grid."""
+    return SMALL_PARTITION if small_grid(b, hq, hk, impl, kv_dtype) else PARTITION
 
 
 def block_reduce(b: int, hq: int, hk: int, impl: str = "", kv_dtype: str = "auto") -> bool:
     """Whether the last CTA of each group combines the splits (no reduce_splits launch). auto: only where one split's
-    grid is small (SMALL_GRID, bs=1): there the second launch is a visible part of the step (Llama-2-7B W4A16 bs=1:
-    1.97 -> 1.95 ms); on bigger grids the combining CTAs lengthen the kernel's tail (16 x 4k alone: 2-23% slower, session 9)."""
+    grid is small (small_grid, bs=1): there the second launch is a visible part of the step (Llama-2-7B W4A16 bs=1:
+    1.97 -> 1.95 ms); on bigger grids the combining CTAs lengthen the kernel's tail (16 x 4k alone: 2-23% slower,
+    session 9)."""
     if _cupy.SPLIT_REDUCE != "auto":
         return _cupy.SPLIT_REDUCE == "block"
-    return ctas_per_split(b, hq, hk, impl, kv_dtype) < SMALL_GRID
+    return small_grid(b, hq, hk, impl, kv_dtype)
 
 
 def split_len(ctx: int, nsplit: int, min_part: int) -> int:
