@@ -32,7 +32,6 @@ def test_decode_logits_with_the_fused_epilogue_equal_unfused(monkeypatch, model_
     real = kernels.gemv_silu
     monkeypatch.setattr(kernels, "gemv_silu", lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1])
     prompt = torch.randint(3, 32000, (64,), generator=torch.Generator().manual_seed(5)).tolist()
-    monkeypatch.setattr(w4a16_decode, "FUSE_NORM", False)     # else the RMSNorm-fused kernel takes the MLP's GEMV
     monkeypatch.setattr(activation, "FUSE_SILU", False)
     off = engine_logits(model_dirs[weights], prompt, 1)
     assert not calls

@@ -238,63 +238,6 @@ def test_gemv_silu_refuses_what_it_cannot_fuse():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-@pytest.mark.parametrize("frac,cfg", [(True, None), (False, None), (True, (4, 2, 1)), (True, (16, 1, 0))])
-def test_norm_gemv_equals_rms_norm_then_the_gemv(gpu_linears, group, frac, gated, cfg):
-    """rms_norm in the lean GEMV's prologue vs the fp32 reference of rms_norm, then of the projection (gated: then
-    SiLU·mul): h + residual stored exactly; K=1216/1280 (uneven whole-group ranges), with and without a residual."""
-    import torch.nn.functional as F
-    from backend.kernels.rms_norm import rms_norm_ref
-    from backend.kernels.w4a16_decode import DecodeConfig, norm_gemv
-    lin = gpu_linears(1280 if group == 128 else 1216, 1728, group, frac)
-    rt = w4a16.prepare(lin)
-    K = rt.in_features
-    config = None if cfg is None else DecodeConfig(nt=1, ks=cfg[0], u=cfg[1], il=bool(cfg[2]), lean=True)
-    for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (8, torch.float16)):
-        h = torch.randn(M, K, device="cuda", dtype=dtype)
-        w = (1 + 0.1 * torch.randn(K, device="cuda")).to(dtype)
-        for residual in (None, torch.randn(M, K, device="cuda", dtype=dtype)):
-            x, res_ref = rms_norm_ref(h, w, 1e-5, residual)
-            y, res = norm_gemv(h, residual, w, 1e-5, rt, lin.bias.to(dtype), gated, config)
-            ref = _ref(x, lin)
-            if gated:
-                gate, up = ref.chunk(2, dim=-1)
-                ref = F.silu(gate) * up
-            _check(y, ref, dtype)
-            torch.testing.assert_close(res, res_ref, rtol=0, atol=0)
-            assert residual is not None or res is h
-
-
-@pytest.mark.gpu
-def test_norm_gemv_hidden_4096_at_8_tokens():
-    """8 tokens of hidden 4096: 66 KB of normalized activations, past the default 48 KB of shared memory."""
-    from backend.kernels.rms_norm import rms_norm_ref
-    from backend.kernels.w4a16_decode import norm_gemv
-    lin = w4a16.random_awq_linear(4096, 512, 128, device="cuda", bias=False, seed=3)
-    rt = w4a16.prepare(lin)
-    h, res = torch.randn(2, 8, 4096, device="cuda", dtype=torch.float16)
-    w = torch.rand(4096, device="cuda", dtype=torch.float16)
-    y, res_out = norm_gemv(h, res, w, 1e-6, rt)
-    x, res_ref = rms_norm_ref(h, w, 1e-6, res)
-    _check(y, w4a16.w4a16_linear_ref(x.float(), lin.qweight, lin.zeros, lin.scales, 128), torch.float16)
-    torch.testing.assert_close(res_out, res_ref, rtol=0, atol=0)
-
-
-def test_norm_gemv_refuses_what_it_cannot_fuse():
-    from backend.kernels.w4a16_decode import norm_gemv
-    _, _, s, q, z = _random_awq(128, 64, 64)
-    rt = repack(q, z, s, 64)
-    w = torch.ones(128, dtype=torch.float16)
-    with pytest.raises(ValueError, match="got 9 tokens"):
-        norm_gemv(torch.zeros(9, 128, dtype=torch.float16), None, w, 1e-5, rt)
-    with pytest.raises(ValueError, match=r"residual must be a contiguous torch.float16 tensor of shape \(2, 128\)"):
-        norm_gemv(torch.zeros(2, 128, dtype=torch.float16), torch.zeros(1, 128, dtype=torch.float16), w, 1e-5, rt)
-    with pytest.raises(ValueError, match=r"norm_weight must be a contiguous torch.float16 tensor of shape \(128,\)"):
-        norm_gemv(torch.zeros(2, 128, dtype=torch.float16), None, w.float(), 1e-5, rt)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 2, 0), (1, 2, 4, 4, 0), (2, 1, 8, 4, 1), (4, 2, 2, 2, 0), (1, 4, 8, 3, 1),
                                  (2, 2, 16, 3, 0), (1, 4, 16, 2, 1), (1, 2, 4, 3, 1)])
 def test_gemv_configs_agree(gpu_linears, cfg):

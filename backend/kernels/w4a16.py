@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from . import _cupy, activation, w4a16_decode, w4a16_gemm, w4a16_gemv
-from .rms_norm import rms_norm
 from .w4a16_runtime import W4A16Runtime, repack, supports
 
 log = logging.getLogger(__name__)
@@ -203,25 +202,3 @@ def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
             b = None if linear.bias is None else linear.bias.to(x.dtype).contiguous()
             return w4a16_decode.gemv_silu(x2, rt, b).reshape(*x.shape[:-1], rt.out_features // 2)
     return activation.silu_and_mul(w4a16_linear(x, linear))
-
-
-def norm_linear(h: torch.Tensor, residual, norm_weight: torch.Tensor, eps: float, linear, gated: bool = False):
-    """rms_norm(h, norm_weight, eps, residual), then this W4A16 linear (gated: gate_up_silu): (y, h + residual).
-    1-8 tokens on CUDA in one kernel (w4a16_decode.norm_gemv, LMTRITON_FUSE_NORM); otherwise the two steps."""
-    if _cupy.available(h) and _cupy.supports_dtype(h):
-        rt = runtime_of(linear)
-        h2 = h.reshape(-1, h.shape[-1])
-        if (rt and w4a16_decode.norm_supported(rt, h2.shape[0], h.device.index, gated)
-                and (not gated or activation.FUSE_SILU) and _aligned(h2) and norm_weight.dtype == h.dtype
-                and norm_weight.is_contiguous() and (residual is None or (
-                    residual.dtype == h.dtype and residual.shape == h.shape and _aligned(residual)))):
-            b = None if linear.bias is None else linear.bias.to(h.dtype).contiguous()
-            res2 = None if residual is None else residual.reshape(h2.shape)
-            y, res_out = w4a16_decode.norm_gemv(h2, res2, norm_weight, eps, rt, b, gated)
-            return y.reshape(*h.shape[:-1], y.shape[-1]), res_out.reshape(h.shape)
-    x, res_out = rms_norm(h, norm_weight, eps, residual)
-    return (gate_up_silu(x, linear) if gated else w4a16_linear(x, linear)), res_out
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.data_ptr() % 16 == 0

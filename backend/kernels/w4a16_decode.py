@@ -24,6 +24,10 @@ the two at 4096x22016, +0.4% end to end: docs/benchmarks.md, session 7).
 A per-lane cp.async shared-memory ring (more bytes in flight, no registers held) measured no faster (H200,
 2026-11-22: 11008x4096 12.1-25 us against 11.7), and neither did an L2 prefetch of the warp's next chunks before
 the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 413 with 16 chunks): not kept.
+Nor did the RMSNorm in the prologue (every block normalizes the tokens into shared memory, block 0 stores the
+residual; 64 launches a 7B step fewer): correct, but W4A16 + KV int8 bs=1 503.7 / 502.5 tok/s against 505.3 / 501.3
+unfused, bs=2 -3%, bs=4 -21% (H100, session 10; commit 5b77d49 has it): the grid-wide wait for the hidden state
+stays, and every block re-reads every token.
 """
 from __future__ import annotations
 
@@ -43,10 +47,6 @@ MAX_TOKENS = 8   # one 8-token mma tile
 # 4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95, 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1 (docs/benchmarks.md, session 7;
 # those configurations passed the GPU tests in session 8: cfg12 / cfg13 of test_decode_gemv_configs_agree).
 LEAN = _cupy.env_choice("LMTRITON_W4A16_DECODE_LEAN", "auto", ("auto", "0", "1"))
-# rms_norm + the GEMV that consumes it in one kernel at 1-8 tokens (norm_gemv; the model's default; 0: two kernels)
-FUSE_NORM = _cupy.env_choice("LMTRITON_FUSE_NORM", "1", ("0", "1")) == "1"
-XS_PAD = 32    # the kernel's XS_PAD
-NORM_MAX_TOKENS = _cupy.env_int("LMTRITON_FUSE_NORM_MAX", 4)   # norm_supported's token limit (every block reads them all)
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
@@ -62,45 +62,12 @@ _SOURCE = DEVICE_HELPERS + r"""
 #define GATED 0
 #endif
 #define KSPLIT (GATED ? (KS) / 2 : (KS))                   // warps splitting K over one tile
-// NORM (lean kernel): x is the hidden state before the RMSNorm that feeds this projection; the block computes
-// xs = rms_norm(x + res) * norm_w of the NORM_M (= M) tokens into shared memory (rows XS_PAD elements apart past K,
-// so that the 8 token rows of a quarter-warp hit different banks), block 0 also stores res_out = x + res, and the
-// GEMV reads its activations from xs. One kernel instead of rms_norm + GEMV.
-#ifndef NORM
-#define NORM 0
-#endif
-#define XS_PAD 32
 
 __device__ __forceinline__ u32 ld_u32(const u32* p) {
     u32 r; asm("ld.global.nc.u32 %0, [%1];" : "=r"(r) : "l"(p)); return r;
 }
 __device__ __forceinline__ u32 ld_u16(const u16* p) {
     unsigned short r; asm("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p)); return r;
-}
-#if NORM     // the activations: the block's normalized copy in shared memory, or x in global memory (L1)
-__device__ __forceinline__ uint4 ld_x(const u16* p) { return *reinterpret_cast<const uint4*>(p); }
-#else
-__device__ __forceinline__ uint4 ld_x(const u16* p) { return ld_cached(p); }
-#endif
-// h[0..8) = x[i..i+8) (+ res[i..i+8)) in fp32
-__device__ __forceinline__ void sum8(const u16* __restrict__ x, const u16* __restrict__ res, size_t i, float* h) {
-    const uint4 xr = ld_cached(x + i);
-    const u16* xv = reinterpret_cast<const u16*>(&xr);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) h[k] = act_to_float(xv[k]);
-    if (res != nullptr) {
-        const uint4 rr = ld_cached(res + i);
-        const u16* rv = reinterpret_cast<const u16*>(&rr);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) h[k] += act_to_float(rv[k]);
-    }
-}
-__device__ __forceinline__ uint4 pack8_act(const float* f) {
-    uint4 r;
-    u16* h = reinterpret_cast<u16*>(&r);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) h[k] = float_to_act(f[k]);
-    return r;
 }
 __device__ __forceinline__ float lo_to_float(u32 pair) { return act_to_float((u16)(pair & 0xFFFFu)); }
 __device__ __forceinline__ float hi_to_float(u32 pair) { return act_to_float((u16)(pair >> 16)); }
@@ -139,68 +106,6 @@ __device__ __forceinline__ void store_gated(const float (&acc)[NT][4], int warp,
     for (int r = 0; r < 4; ++r) red[warp][r][lane] = acc[0][r];
     __syncthreads();
     store_silu_mul<KS>(red, tile, M, I, bias, y);
-}
-#endif
-
-#if NORM
-// xs [NORM_M][K + XS_PAD] = rms_norm(x + res) * w in fp32, rounded once (the math of rms_norm.py's kernel); block 0
-// stores res_out = x + res. A thread holds NORM_VPT 8-element pieces of each token (all loads in flight at once) and
-// the norm weight's pieces, loaded before the PDL wait (wr).
-__device__ __forceinline__ void norm_prologue(const u16* __restrict__ x, const u16* __restrict__ res,
-                                              const uint4 (&wr)[NORM_VPT], u16* __restrict__ res_out, u16* xs, int K,
-                                              float eps) {
-    __shared__ float part[KS][NORM_M];
-    const int nvec = K >> 3, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const bool store_res = res != nullptr && blockIdx.x == 0;
-    float h[NORM_VPT][NORM_M][8], ss[NORM_M];
-#pragma unroll
-    for (int m = 0; m < NORM_M; ++m) ss[m] = 0.f;
-#pragma unroll
-    for (int i = 0; i < NORM_VPT; ++i) {
-        const int v = threadIdx.x + i * KS * 32;
-        if (v < nvec) {
-#pragma unroll
-            for (int m = 0; m < NORM_M; ++m) sum8(x, res, (size_t)m * K + 8 * v, h[i][m]);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < NORM_VPT; ++i) {
-        const int v = threadIdx.x + i * KS * 32;
-        if (v < nvec) {
-#pragma unroll
-            for (int m = 0; m < NORM_M; ++m) {
-                if (store_res) *reinterpret_cast<uint4*>(res_out + (size_t)m * K + 8 * v) = pack8_act(h[i][m]);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) ss[m] += h[i][m][k] * h[i][m][k];
-            }
-        }
-    }
-#pragma unroll
-    for (int m = 0; m < NORM_M; ++m) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
-        if (lane == 0) part[warp][m] = ss[m];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < NORM_M; ++m) {
-        float s = 0.f;
-#pragma unroll
-        for (int k = 0; k < KS; ++k) s += part[k][m];
-        const float scale = rsqrtf(s / K + eps);
-#pragma unroll
-        for (int i = 0; i < NORM_VPT; ++i) {
-            const int v = threadIdx.x + i * KS * 32;
-            if (v < nvec) {
-                const u16* wv = reinterpret_cast<const u16*>(&wr[i]);
-                float o[8];
-#pragma unroll
-                for (int k = 0; k < 8; ++k) o[k] = h[i][m][k] * scale * act_to_float(wv[k]);
-                *reinterpret_cast<uint4*>(xs + (size_t)m * (K + XS_PAD) + 8 * v) = pack8_act(o);
-            }
-        }
-    }
-    __syncthreads();
 }
 #endif
 
@@ -244,8 +149,8 @@ template <int UB> struct Batch {
         uint4 xv[UB][2];
 #pragma unroll
         for (int u = 0; u < UB; ++u) {
-            xv[u][0] = ld_x(xp + u * 64);
-            xv[u][1] = ld_x(xp + u * 64 + 32);
+            xv[u][0] = ld_cached(xp + u * 64);
+            xv[u][1] = ld_cached(xp + u * 64 + 32);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
@@ -282,8 +187,7 @@ template <int UB> struct Batch {
 extern "C" __global__ void __launch_bounds__(KS * 32)
 w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
              const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
-             int M, int N, int K, int per_warp, const u16* __restrict__ res, const u16* __restrict__ norm_w,
-             u16* __restrict__ res_out, float eps) {
+             int M, int N, int K, int per_warp) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
@@ -306,13 +210,7 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
     const int nfull = nown / UB_MAIN, ct = c0 + nfull * UB_MAIN, ntail = nown - nfull * UB_MAIN;
 #endif
     // B column g is token g; a lane past the last token reads token 0: its columns are never stored
-#if NORM
-    extern __shared__ uint4 xs_raw[];
-    u16* xs = reinterpret_cast<u16*>(xs_raw);
-    const u16* xrow = xs + (size_t)(g < M ? g : 0) * (K + XS_PAD) + 8 * t;
-#else
     const u16* xrow = x + (size_t)(g < M ? g : 0) * K + 8 * t;
-#endif
 
     Src src;
 #pragma unroll
@@ -339,18 +237,7 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
     // two batches in registers, ping-pong: the next one's loads are in flight while one is computed
     Batch<UB_MAIN> a, b;
     if (nfull > 0) { a.load(src); src.advance(bstep); }   // static data: in flight before the previous kernel ends
-#if NORM
-    uint4 wr[NORM_VPT];                                   // the norm weight, static too
-#pragma unroll
-    for (int i = 0; i < NORM_VPT; ++i) {
-        const int v = threadIdx.x + i * KS * 32;
-        wr[i] = v < (K >> 3) ? ld_cached(norm_w + 8 * v) : u4(0, 0, 0, 0);
-    }
     PDL_BEGIN();
-    norm_prologue(x, res, wr, res_out, xs, K, eps);
-#else
-    PDL_BEGIN();
-#endif
     const u16* xp = xrow + (size_t)c0 * 64;
     for (int left = nfull; left > 0;) {
         if (left > 1) { b.load(src); src.advance(bstep); }
@@ -592,64 +479,17 @@ def gemv(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = No
     return _launch(x, rt, bias, config or default_config(rt.out_features, K, rt.group_size, x.device.index))
 
 
-def norm_smem_bytes(M: int, K: int) -> int:
-    """Shared memory of the NORM kernel's normalized activations: M rows of K + XS_PAD elements."""
-    return M * (K + XS_PAD) * 2
-
-
-def norm_supported(rt: W4A16Runtime, M: int, device: int, gated: bool = False) -> bool:
-    """norm_gemv can take this: FUSE_NORM on, the lean kernel the default, 1-8 tokens whose normalized copy fits in
-    shared memory (gated: as gemv_silu)."""
-    from .w4a16_gemv import device_limits
-    return (FUSE_NORM and lean_default() and 1 <= M <= NORM_MAX_TOKENS and (not gated or gated_supported(rt, M))
-            and norm_smem_bytes(M, rt.in_features) + 8 * 1024 <= device_limits(device)[1])
-
-
-def norm_gemv(h: torch.Tensor, residual: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
-              rt: W4A16Runtime, bias=None, gated: bool = False, config: DecodeConfig = None):
-    """rms_norm(h + residual) * norm_weight, then the GEMV (gated: silu(gate) * up) in one lean kernel: every block
-    normalizes the 1-8 tokens into shared memory and block 0 stores h + residual. h, residual: [M, K] ->
-    (y [M, N] or [M, N / 2], h + residual; h itself when residual is None), as rms_norm then gemv / gemv_silu."""
-    M, K = h.shape
-    if not supports_tokens(M) or (gated and not gated_supported(rt, M)):
-        raise ValueError(f"norm_gemv takes 1..{MAX_TOKENS} tokens (gated: 2I output rows, I a multiple of 16), got "
-                         f"{M} tokens and {rt.out_features} rows")
-    if residual is not None and (residual.shape != h.shape or residual.dtype != h.dtype
-                                 or not residual.is_contiguous() or residual.data_ptr() % 16):
-        raise ValueError(f"residual must be a contiguous {h.dtype} tensor of shape {tuple(h.shape)}, got "
-                         f"{residual.dtype} {tuple(residual.shape)}")
-    if norm_weight.shape != (K,) or norm_weight.dtype != h.dtype or not norm_weight.is_contiguous():
-        raise ValueError(f"norm_weight must be a contiguous {h.dtype} tensor of shape ({K},), got "
-                         f"{norm_weight.dtype} {tuple(norm_weight.shape)}")
-    if config is None:
-        config = (gated_config if gated else default_config)(rt.out_features, K, rt.group_size, h.device.index)
-    if not config.lean or (gated and (config.nt != 1 or config.ks % 2)):
-        raise ValueError(f"norm_gemv needs the lean kernel (gated: nt=1 and an even ks), got {config}")
-    res_out = h if residual is None else torch.empty_like(h)
-    y = _launch(h, rt, bias, config, gated, norm=(residual, norm_weight, res_out, eps))
-    return y, res_out
-
-
-def _launch(x: torch.Tensor, rt: W4A16Runtime, bias, cfg: DecodeConfig, gated: bool = False,
-            norm=None) -> torch.Tensor:
-    """y = the GEMV of x (gated: silu(gate) * up, I = N / 2 outputs, a block per 16 of them, ks/2 warps a tile;
-    norm = (residual, weight, res_out, eps): of rms_norm(x + residual) * weight, see norm_gemv)."""
+def _launch(x: torch.Tensor, rt: W4A16Runtime, bias, cfg: DecodeConfig, gated: bool = False) -> torch.Tensor:
+    """y = the GEMV of x (gated: silu(gate) * up, I = N / 2 outputs, a block per 16 of them, ks/2 warps a tile)."""
     M, K = x.shape
     assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
     N = rt.out_features
     y = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
-    options = cfg.options(x.dtype, rt.group_size) + (rt.zero_option,) + (("-DGATED=1",) if gated else ())
-    smem = 0
-    if norm is not None:
-        options += ("-DNORM=1", f"-DNORM_M={M}", f"-DNORM_VPT={-(-K // (8 * cfg.ks * 32))}")
-        smem = norm_smem_bytes(M, K)
-    kernel = _cupy.kernel_with_shared(_SOURCE, cfg.kernel_name, options, smem, x.device.index)
+    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name, cfg.options(x.dtype, rt.group_size) + (rt.zero_option,) + (
+        ("-DGATED=1",) if gated else ()), x.device.index)
     grid = (N // 32,) if gated else (-(-(N // 16) // cfg.nt),)
     split = DecodeConfig(nt=1, ks=cfg.ks // 2, u=cfg.u) if gated else cfg    # the warps splitting K over a tile
-    args = (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias if bias is not None else np.uint64(0), y,
-            np.int32(M), np.int32(N), np.int32(K), np.int32(split.per_warp(K, rt.group_size)))
-    if cfg.lean:
-        residual, weight, res_out, eps = norm if norm is not None else (None, None, None, 0.0)
-        args += tuple(np.uint64(0) if t is None else t for t in (residual, weight, res_out)) + (np.float32(eps),)
-    _cupy.launch(kernel, grid, (cfg.ks * 32,), args, shared_mem=smem)
+    _cupy.launch(kernel, grid, (cfg.ks * 32,),
+                 (rt.qweight, rt.scales_for(x.dtype), rt.zeros, x, bias if bias is not None else np.uint64(0), y,
+                  np.int32(M), np.int32(N), np.int32(K), np.int32(split.per_warp(K, rt.group_size))))
     return y

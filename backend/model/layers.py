@@ -6,7 +6,6 @@ from typing import Dict, Optional
 import torch
 
 from ..kernels import dense_decode, w4a16
-from ..kernels.rms_norm import rms_norm
 from ..kernels.w4a16_runtime import TILE_N, W4A16Runtime, unrepack
 
 
@@ -79,11 +78,3 @@ class Linear:
         if self._w4a16_path(x):
             return w4a16.gate_up_silu(x, self)
         return dense_decode.linear_silu(x, self.dense_weight().to(x.dtype), self.bias)
-
-    def after_norm(self, h: torch.Tensor, residual, norm_weight: torch.Tensor, eps: float, gated: bool = False):
-        """(this linear (gated: gate_up_silu) of rms_norm(h + residual) * norm_weight, h + residual); W4A16 decode on
-        a GPU in one kernel (w4a16.norm_linear), else rms_norm then the linear."""
-        if self._w4a16_path(h):
-            return w4a16.norm_linear(h, residual, norm_weight, eps, self, gated)
-        x, residual = rms_norm(h, norm_weight, eps, residual)
-        return (self.gate_up_silu(x) if gated else self(x)), residual

@@ -93,8 +93,8 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)                                       # [T, hidden]
         residual = None
         for i, layer in enumerate(self.layers):
-            qkv, residual = layer.qkv.after_norm(h, residual, layer.input_norm, cfg.rms_norm_eps)
-            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            x, residual = rms_norm(h, layer.input_norm, cfg.rms_norm_eps, residual)
+            q, k, v = layer.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(t, cfg.num_heads, cfg.head_dim)                               # [T, Hq, D]
             k = k.view(t, cfg.num_kv_heads, cfg.head_dim)                            # [T, Hk, D]
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -123,8 +123,8 @@ class LlamaModel:
             h = layer.o(o.reshape(t, cfg.q_size))
             if self.all_reduce is not None:
                 h = self.all_reduce(h)
-            x, residual = layer.gate_up.after_norm(h, residual, layer.post_attn_norm, cfg.rms_norm_eps, gated=True)
-            h = layer.down(x)
+            x, residual = rms_norm(h, layer.post_attn_norm, cfg.rms_norm_eps, residual)
+            h = layer.down(layer.gate_up.gate_up_silu(x))
             if self.all_reduce is not None:
                 h = self.all_reduce(h)
         h, _ = rms_norm(h, self.norm, cfg.rms_norm_eps, residual)
