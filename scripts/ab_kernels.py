@@ -1,6 +1,6 @@
 """Session-5 kernels against what they replace, one process, CUDA-graph timing (scripts/bench_timing.graph_ms):
-- W4A16 decode GEMV: the measured kernel vs the lean one, each at its default block configuration, and the whole
-  lean sweep at one token (sorted; the best alone is one noisy sample);
+- W4A16 decode GEMV at its default block configuration, and its whole sweep at one token (sorted; the best alone
+  is one noisy sample);
 - dense decode GEMV (dense_decode.py) vs cuBLAS (F.linear), and its whole sweep;
 - tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again);
 - gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
@@ -35,20 +35,19 @@ def frac(r: dict, nbytes: int, bw: float) -> dict:
 
 
 def w4a16_rows(bw: float) -> list:
-    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=True) for ks in (4, 8, 16) for u in (2, 4, 8) for il in (0, 1)]
+    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il) for ks in (4, 8, 16) for u in (2, 4, 8) for il in (0, 1)]
     rows = []
     for K, N in W4A16_SHAPES:
         for group in (128, 64, 32) if (K, N) in ((4096, 4096), (11008, 4096)) else (128,):
             pool, nbytes = awq_pool(K, N, group, int_zeros=True)
             for M in (1, 8):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                old = w4a16_decode.default_config(N, K, group, 0, lean=False)    # each kernel at its default
-                new = w4a16_decode.default_config(N, K, group, 0, lean=True)
+                cfg = w4a16_decode.default_config(N, K, group, 0)
 
                 def us(c):
                     return graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, c)), len(pool)) * 1e3
-                r = dict(K=K, N=N, g=group, M=M, cfg=str(old), new_cfg=str(new), old_us=us(old), new_us=us(new))
-                if M == 1:    # at groups 64 / 32 too: may the lean kernel replace the other there?
+                r = dict(K=K, N=N, g=group, M=M, cfg=str(cfg), us=us(cfg))
+                if M == 1:    # at groups 64 / 32 too
                     r["sweep"] = sorted((round(us(c), 3), str(c)) for c in sweep)    # all of it: the best is noisy
                     r["best_us"], r["best_cfg"] = r["sweep"][0]
                 rows.append(frac(r, nbytes + M * K * 2, bw))
@@ -82,7 +81,7 @@ def silu_rows(bw: float) -> list:
     rows = []
     K, N = 4096, 22016
     pool, nbytes = awq_pool(K, N, 128, int_zeros=True)
-    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=True) for ks in (8, 16) for u in (2, 4) for il in (0, 1)]
+    sweep = [DecodeConfig(nt=1, ks=ks, u=u, il=il) for ks in (8, 16) for u in (2, 4) for il in (0, 1)]
     for M in (1, 8):
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
 

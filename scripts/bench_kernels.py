@@ -91,8 +91,7 @@ def over(pool, call):
 
 def sweep_configs():
     """Block configurations of the decode GEMV (w4a16_decode.DecodeConfig)."""
-    return [DecodeConfig(nt=1, ks=ks, u=u, il=il, lean=lean) for ks in (4, 8, 16) for u in (1, 2, 4)
-            for il in (False, True) for lean in (False, True)]
+    return [DecodeConfig(nt=1, ks=ks, u=u, il=il) for ks in (4, 8, 16) for u in (1, 2, 4) for il in (False, True)]
 
 
 def dense_sweep_configs():
@@ -145,8 +144,6 @@ def bench_gemv(bw, groups, tokens, sweep):
                 total = nbytes + M * K * 2
                 ms = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool))
                 ms_int = graph_ms(over(pool_int, lambda lin: w4a16_decode.gemv(x, lin.runtime)), len(pool_int))
-                lean = w4a16_decode.default_config(N, K, group, 0, lean=True)
-                ms_lean = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, lean)), len(pool))
                 ms_ring = graph_ms(over(pool, lambda lin: gemv(x, lin.runtime)), len(pool))
                 ms_fp16 = graph_ms(over(dense, lambda w: F.linear(x, w)), len(dense))
                 ms_dense = graph_ms(over(dense, lambda w: dense_decode.gemv(x, w)), len(dense))
@@ -158,7 +155,6 @@ def bench_gemv(bw, groups, tokens, sweep):
                                  int_zeros_us=ms_int * 1e3, int_zeros_frac_copy_bw=total / (ms_int / 1e3) / bw,
                                  GBps=total / ms / 1e6, frac_copy_bw=total / (ms / 1e3) / bw,
                                  ring_us=ms_ring * 1e3, ring_frac_copy_bw=total / (ms_ring / 1e3) / bw,
-                                 lean_us=ms_lean * 1e3, lean_frac_copy_bw=total / (ms_lean / 1e3) / bw,
                                  same_bytes_copy_us=ms_copy * 1e3, frac_same_bytes_copy=ms_copy / ms,
                                  fp16_cublas_us=ms_fp16 * 1e3, speedup_vs_fp16=ms_fp16 / ms,
                                  fp16_cublas_frac_copy_bw=(K * N + M * K) * 2 / (ms_fp16 / 1e3) / bw,
@@ -169,7 +165,7 @@ def bench_gemv(bw, groups, tokens, sweep):
                     for cfg in sweep_configs():
                         ms_c = graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, cfg)),
                                         len(pool))
-                        regs = _cupy.get_kernel(w4a16_decode._SOURCE, cfg.kernel_name, cfg.options(
+                        regs = _cupy.get_kernel(w4a16_decode._SOURCE, w4a16_decode.KERNEL, cfg.options(
                             torch.float16, group) + (pool[0].runtime.zero_option,)).num_regs
                         sweeps.append(dict(K=K, N=N, M=M, group=group, config=cfg.__dict__, us=ms_c * 1e3,
                                            frac_copy_bw=total / (ms_c / 1e3) / bw, regs=regs))

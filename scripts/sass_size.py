@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from backend.kernels import paged_attention_mma, w4a16_decode
     w4 = ["-DIS_BF16=0", "-DNT=1", "-DKS=8", "-DL2PF=0", "-DIL=0", "-DZFRAC=0"]
-    for name in ("w4a16_decode", "w4a16_decode_lean"):
-        for group in (128, 32):
-            for u in (2, 4):
-                n, regs = sass_size(w4a16_decode._SOURCE, name, w4 + [f"-DGROUP_SIZE={group}", f"-DU={u}"], args.ptxas)
-                print(f"{name} g{group} U={u}: {n} instructions; {regs}")
+    name = w4a16_decode.KERNEL
+    for group in (128, 32):
+        for u in (2, 4):
+            n, regs = sass_size(w4a16_decode._SOURCE, name, w4 + [f"-DGROUP_SIZE={group}", f"-DU={u}"], args.ptxas)
+            print(f"{name} g{group} U={u}: {n} instructions; {regs}")
     for raw in (0, 1):
         for kind in (1, 2):
             opts = ["-DIS_BF16=0", "-DHEAD_DIM=128", f"-DKV_KIND={kind}", "-DREP=4", f"-DRAW_CODES={raw}"]

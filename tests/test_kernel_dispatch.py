@@ -93,7 +93,6 @@ def _import_error_with(name: str, value: str) -> str:
 
 
 @pytest.mark.parametrize("name,value,allowed", [("LMTRITON_ATTN_RAW_CODES", "int2", "none, int4, all"),
-                                                ("LMTRITON_W4A16_DECODE_LEAN", "yes", "auto, 0, 1"),
                                                 ("LMTRITON_FUSE_SILU", "on", "0, 1"),
                                                 ("LMTRITON_DECODE_ATTN", "tensor", "auto, cuda, mma"),
                                                 ("LMTRITON_SPLIT_REDUCE", "last", "auto, block, kernel")])
@@ -101,31 +100,24 @@ def test_choice_env_knobs_are_refused_by_name(name, value, allowed):
     assert f"{name} must be one of {allowed}, got '{value}'" in _import_error_with(name, value)
 
 
-def test_lean_decode_gemv_defaults(monkeypatch):
+def test_decode_gemv_defaults(monkeypatch):
     from backend.kernels import w4a16_decode
     from backend.kernels.w4a16_decode import DecodeConfig
     monkeypatch.setattr(w4a16_decode._cupy, "sm_count", lambda device: 132)
     dc = w4a16_decode.default_config
-    assert all(dc(n, k, g, 0).lean and dc(n, k, g, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008))
-               for g in (128, 64, 32))                                       # auto: every group
+    assert all(dc(n, k, g, 0).il for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)) for g in (128, 64, 32))
     # the H100 sweeps' best (docs/benchmarks.md, session 7): 32 adjacent chunks a block-step at every group
-    assert dc(4096, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)
+    assert dc(4096, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True)
     # group 128, 8-warp grid in (1, 1.5] waves (qkv / up of the 7B shape): 4 warps a block
-    assert dc(11008, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True, lean=True)
-    assert dc(12288, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True, lean=True)
-    assert dc(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # 2.6 waves
-    assert dc(6144, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)       # under one wave
-    monkeypatch.setattr(w4a16_decode, "LEAN", "1")                             # the same as auto
-    assert dc(11008, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # 128 only: as measured
-    assert dc(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
-    assert dc(4096, 11008, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
-    assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True, lean=True)
-    assert dc(22016, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True, lean=True)      # past one wave: as before
+    assert dc(11008, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True)
+    assert dc(12288, 4096, 128, 0) == DecodeConfig(nt=1, ks=4, u=2, il=True)
+    assert dc(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True)      # 2.6 waves
+    assert dc(6144, 4096, 128, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True)       # under one wave
+    assert dc(11008, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True)      # 128 only: as measured
+    assert dc(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True)
+    assert dc(4096, 11008, 64, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True)
+    assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=4, il=True)
+    assert dc(22016, 4096, 64, 0) == DecodeConfig(nt=1, ks=8, u=2, il=True)      # past one wave: as before
     # gemv_silu: twice the warps, but never past 16 (1,024 threads would cap the kernel at 64 registers)
-    assert w4a16_decode.gated_config(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True, lean=True)
-    assert w4a16_decode.gated_config(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=4, il=True, lean=True)
-    monkeypatch.setattr(w4a16_decode, "LEAN", "0")
-    assert not dc(4096, 4096, 128, 0).lean
-    assert not dc(4096, 4096, 128, 0).il      # the measured kernel: interleaved at long K only, u 2 at group 32
-    assert dc(4096, 11008, 128, 0).il
-    assert dc(4096, 4096, 32, 0) == DecodeConfig(nt=1, ks=8, u=2, il=False, lean=False)
+    assert w4a16_decode.gated_config(22016, 4096, 128, 0) == DecodeConfig(nt=1, ks=16, u=2, il=True)
+    assert w4a16_decode.gated_config(4096, 4096, 64, 0) == DecodeConfig(nt=1, ks=16, u=4, il=True)

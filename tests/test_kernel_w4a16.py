@@ -201,8 +201,6 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
             _check(w4a16_gemm.gemm(x, rt, bias, w4a16_gemm.splitk_config(M, N, K, 132)), ref, dtype)
         if M <= 8:
             _check(w4a16_decode.gemv(x, rt, bias), ref, dtype)
-            for lean in (False, True):                              # both kernels at their default configurations
-                _check(w4a16_decode.gemv(x, rt, bias, w4a16_decode.default_config(N, K, group, 0, lean)), ref, dtype)
         _check(w4a16_gemm.gemm(x, rt, bias), ref, dtype)
     _check(w4a16_gemm.dequant_matmul(x, rt, bias), ref, dtype)
 
@@ -219,7 +217,7 @@ def test_gemv_silu_equals_silu_of_the_gemv(gpu_linears, group, frac, cfg):
     from backend.kernels.w4a16_decode import DecodeConfig, gemv_silu
     lin = gpu_linears(1280 if group == 128 else 1216, 1728, group, frac)
     rt = w4a16.prepare(lin)
-    config = None if cfg is None else DecodeConfig(nt=1, ks=cfg[0], u=cfg[1], il=bool(cfg[2]), lean=True)
+    config = None if cfg is None else DecodeConfig(nt=1, ks=cfg[0], u=cfg[1], il=bool(cfg[2]))
     for M in (1, 3, 8):
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
@@ -257,10 +255,9 @@ def test_gemv_configs_agree(gpu_linears, cfg):
 @pytest.mark.parametrize("frac", [True, False], ids=["frac_zeros", "int_zeros"])
 @pytest.mark.parametrize("cfg", [(1, 1, 1, 0), (1, 2, 2, 0), (2, 4, 4, 0), (1, 16, 4, 0), (4, 8, 1, 0), (2, 16, 2, 0),
                                  (1, 3, 8, 0), (1, 8, 2, 1), (1, 4, 1, 1), (2, 4, 4, 1), (1, 3, 8, 1), (1, 16, 1, 1),
-                                 (1, 16, 2, 1), (1, 8, 4, 1),      # cfg12 / cfg13: the lean defaults at groups 64 / 32
+                                 (1, 16, 2, 1), (1, 8, 4, 1),      # cfg12 / cfg13: the defaults at groups 64 / 32
                                  (1, 4, 2, 1)])                    # cfg14: the qkv shapes' sweep best (H100)
-@pytest.mark.parametrize("lean", [False, True])
-def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac, lean):
+def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac):
     # K=1216: 19 chunks, so warps get uneven whole-group ranges and some none; N=1728 is 108 tiles (odd tails)
     from backend.kernels.w4a16_decode import DecodeConfig, gemv
     nt, ks, u, il = cfg
@@ -269,7 +266,7 @@ def test_decode_gemv_configs_agree(gpu_linears, cfg, group, frac, lean):
     for M in (1, 3, 8):
         for dtype in (torch.float16, torch.bfloat16):
             x = torch.randn(M, rt.in_features, device="cuda", dtype=dtype)
-            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u, il=bool(il), lean=lean)),
+            _check(gemv(x, rt, lin.bias.to(dtype), DecodeConfig(nt=nt, ks=ks, u=u, il=bool(il))),
                    _ref(x, lin), dtype)
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from . import _cupy
 
-# silu(gate) * up in the epilogue of the decode GEMV over the fused [gate | up] weight, at 1-8 tokens, W4A16 (lean
-# kernel) and fp16/bf16 alike: one launch fewer a layer (LMTRITON_FUSE_SILU=1|0). One kernel is 0.7-1.4 us faster than
+# silu(gate) * up in the epilogue of the decode GEMV over the fused [gate | up] weight, at 1-8 tokens, W4A16
+# and fp16/bf16 alike: one launch fewer a layer (LMTRITON_FUSE_SILU=1|0). One kernel is 0.7-1.4 us faster than
 # the GEMV + silu_and_mul at the 7B shape, +0.4% end to end (docs/benchmarks.md session 7); the engine's GPU suite
 # passed with it on (session 8).
 FUSE_SILU = _cupy.env_choice("LMTRITON_FUSE_SILU", "1", ("0", "1")) == "1"

@@ -192,13 +192,11 @@ def w4a16_linear(x: torch.Tensor, linear) -> torch.Tensor:
 
 def gate_up_silu(x: torch.Tensor, linear) -> torch.Tensor:
     """silu(gate) * up of a fused [gate | up] W4A16 projection: x [..., in] -> [..., out / 2]. With FUSE_SILU, 1-8
-    tokens on CUDA take w4a16_decode.gemv_silu (one kernel) where the lean kernel is the default (every group unless
-    LMTRITON_W4A16_DECODE_LEAN=0); everything else the projection, then silu_and_mul."""
+    tokens on CUDA take w4a16_decode.gemv_silu (one kernel); everything else the projection, then silu_and_mul."""
     if activation.FUSE_SILU and _cupy.available(x) and _cupy.supports_dtype(x):
         rt = runtime_of(linear)
         x2 = x.reshape(-1, x.shape[-1])
-        if (rt and w4a16_decode.gated_supported(rt, x2.shape[0]) and x2.is_contiguous() and x2.data_ptr() % 16 == 0
-                and w4a16_decode.lean_default()):
+        if rt and w4a16_decode.gated_supported(rt, x2.shape[0]) and x2.is_contiguous() and x2.data_ptr() % 16 == 0:
             b = None if linear.bias is None else linear.bias.to(x.dtype).contiguous()
             return w4a16_decode.gemv_silu(x2, rt, b).reshape(*x.shape[:-1], rt.out_features // 2)
     return activation.silu_and_mul(w4a16_linear(x, linear))

@@ -12,12 +12,13 @@ A block owns NT n-tiles of 16 output channels; its KS warps split the k-chunks o
 start on a group boundary (or, IL, take interleaved batches so that the block reads KS * U adjacent chunks a
 step: faster for long K), and meet in shared memory at the end. With PDL (_cupy) the first batch of weights is
 loaded before the kernel waits for the previous one.
-The lean kernel (w4a16_decode_lean, DecodeConfig.lean; the default at every group) has no bounds checks in its
-main loop: a warp runs whole batches of U chunks (two in registers, ping-pong, so no register copies), every load
-is a running pointer plus an immediate offset, and the rest of its range (whole groups) follows one group at a
-time. Lanes past the last token read token 0's activations instead of zeros (their output columns are never
-stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~96 -> ~58 instructions.
-gemv_silu (GATED, lean kernel only; the model's default, LMTRITON_FUSE_SILU=0 turns it off): for a fused [gate | up]
+The main loop has no bounds checks: a warp runs whole batches of U chunks (two in registers, ping-pong, so no
+register copies), every load is a running pointer plus an immediate offset, and the rest of its range (whole groups)
+follows one group at a time. Lanes past the last token read token 0's activations instead of zeros (their output
+columns are never stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~58 instructions, where the first
+kernel of this file (bounds checks in the loop, register copies between batches) had ~96; that kernel was retired in
+session 10 (RETIRED below has its measured times against this one).
+gemv_silu (GATED; the model's default, LMTRITON_FUSE_SILU=0 turns it off): for a fused [gate | up]
 weight a block runs gate tile t on half its warps and up tile t + I/16 on the other half and stores silu(gate) * up,
 so the MLP's silu_and_mul launch goes away at 1-8 tokens (tests passed on an H100; one kernel 0.7-0.8 us faster than
 the two at 4096x22016, +0.4% end to end: docs/benchmarks.md, session 7).
@@ -32,7 +33,6 @@ stays, and every block re-reads every token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -41,12 +41,10 @@ from . import _cupy
 from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 MAX_TOKENS = 8   # one 8-token mma tile
-# Where default_config takes the lean kernel: "auto" (= 1) every group, 0 = never (LMTRITON_W4A16_DECODE_LEAN; 0 keeps
-# the first kernel for comparison). H100, M=1, each kernel at its default: group 128 4096x4096 5.49 -> 4.16 us,
-# 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3 (2026-12-06); groups 64 / 32 with default_config's lean rule
-# 4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95, 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1 (docs/benchmarks.md, session 7;
-# those configurations passed the GPU tests in session 8: cfg12 / cfg13 of test_decode_gemv_configs_agree).
-LEAN = _cupy.env_choice("LMTRITON_W4A16_DECODE_LEAN", "auto", ("auto", "0", "1"))
+KERNEL = "w4a16_decode"
+# The first decode kernel against this one, each at its default (H100, M=1): group 128 4096x4096 5.49 -> 4.16 us,
+# 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3; groups 64 / 32 4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95,
+# 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1 (docs/benchmarks.md, session 7); at M=8: RETIRED_M8 (session 10).
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
@@ -56,7 +54,7 @@ _SOURCE = DEVICE_HELPERS + r"""
 #define GROUPS_IN(UB) ((UB) * 64 / (GROUP_SIZE))          // groups in UB chunks (UB a multiple of CPG)
 #define HALVES_PER_GROUP ((GROUP_SIZE) / 32)              // a lane's k-range of one chunk is two halves of 32
 #define UB_MAIN (((U) + CPG - 1) / CPG * CPG)             // chunks a batch: U rounded up to whole groups
-// GATED (lean kernel, NT 1): the weight is a fused [gate | up] projection of 2I rows; block t computes gate tile t
+// GATED (NT 1): the weight is a fused [gate | up] projection of 2I rows; block t computes gate tile t
 // with its first KS/2 warps and up tile t + I/16 with the others, and stores silu(gate) * up: y is [M, I]
 #ifndef GATED
 #define GATED 0
@@ -185,7 +183,7 @@ template <int UB> struct Batch {
 };
 
 extern "C" __global__ void __launch_bounds__(KS * 32)
-w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
+w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
              const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
              int M, int N, int K, int per_warp) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -264,122 +262,6 @@ w4a16_decode_lean(const uint4* __restrict__ qw, const u32* __restrict__ scales, 
     store_warp_sums(acc, warp, lane, nt0, ntiles, M, N, bias, y);
 #endif
 }
-
-// The first kernel (bounds checks in the loop, register copies between batches): LMTRITON_W4A16_DECODE_LEAN=0 only
-// (the lean kernel is faster at every group, LEAN above).
-#define GPB ((2 * U + HALVES_PER_GROUP - 1) / HALVES_PER_GROUP)   // groups a batch of U chunks touches
-
-extern "C" __global__ void __launch_bounds__(KS * 32)
-w4a16_decode(const uint4* __restrict__ qw, const u32* __restrict__ scales, const u16* __restrict__ zeros,
-             const u16* __restrict__ x, const u16* __restrict__ bias, u16* __restrict__ y,
-             int M, int N, int K, int per_warp) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int nchunks = K >> 6, ngroups = K / GROUP_SIZE, ntiles = N >> 4;
-    const int nt0 = blockIdx.x * NT;
-#if IL   // interleaved: batch i of warp w is chunks (w + i * KS) * U..: the block reads KS * U adjacent chunks a step
-    const int c0 = warp * U, c_end = nchunks, cstep = KS * U;
-#else      // contiguous: warp w owns chunks [w * per_warp, (w + 1) * per_warp) (per_warp: whole groups)
-    const int c0 = warp * per_warp, c_end = min(c0 + per_warp, nchunks), cstep = U;
-#endif
-    const bool has_row = g < M;                          // B column g is token g
-    const u16* xrow = x + (size_t)(has_row ? g : 0) * K + 8 * t;
-
-    const uint4* wsrc[NT];
-    const u32* ssrc[NT];
-    const u16* zsrc[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const int nt = min(nt0 + j, ntiles - 1);   // a tail block recomputes the last tile, never stores it
-        wsrc[j] = qw + (size_t)nt * nchunks * 32 + lane;
-        ssrc[j] = scales + (size_t)nt * ngroups * 8 + g;
-        zsrc[j] = zeros + (size_t)nt * ngroups * 8 + g;
-    }
-
-    float acc[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
-
-    // weights, zero points and scales of the next batch are in flight while this one is computed
-    uint4 wnext[U][NT];
-    u32 znext[NT][GPB], snext[NT][GPB];
-    auto load_batch = [&](int cb) {
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-                wnext[u][j] = cb + u < c_end ? ld_stream(wsrc[j] + (size_t)(cb + u) * 32) : u4(0, 0, 0, 0);
-#pragma unroll
-        for (int gi = 0; gi < GPB; ++gi) {
-            const int cc = cb + ((gi * HALVES_PER_GROUP) >> 1), h = (gi * HALVES_PER_GROUP) & 1;
-            const int grp = cc < c_end ? (cc * 64 + 32 * h) / GROUP_SIZE : 0;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                znext[j][gi] = ld_u16(zsrc[j] + grp * 8);
-                snext[j][gi] = ld_u32(ssrc[j] + grp * 8);
-            }
-        }
-    };
-    load_batch(c0);     // weights, scales, zeros: static, so in flight before the previous kernel's results are in
-    PDL_BEGIN();
-
-    for (int c = c0; c < c_end; c += cstep) {
-        uint4 w[U][NT], xv[U][2];
-        u32 zcur[NT][GPB], scur[NT][GPB];
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int u = 0; u < U; ++u) w[u][j] = wnext[u][j];
-#pragma unroll
-            for (int gi = 0; gi < GPB; ++gi) { zcur[j][gi] = znext[j][gi]; scur[j][gi] = snext[j][gi]; }
-        }
-        if (c + cstep < c_end) load_batch(c + cstep);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const bool ok = c + u < c_end && has_row;
-            xv[u][0] = ok ? ld_cached(xrow + (c + u) * 64) : u4(0, 0, 0, 0);
-            xv[u][1] = ok ? ld_cached(xrow + (c + u) * 64 + 32) : u4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            float part[2][4];                                 // two independent mma chains (k-tile parity)
-#pragma unroll
-            for (int r = 0; r < 8; ++r) part[r >> 2][r & 3] = 0.f;
-            ZeroPair z = zero_pair(0);
-            u32 spair = 0;
-#pragma unroll
-            for (int hc = 0; hc < 2 * U; ++hc) {             // half-chunks of 32 k
-                const int u = hc >> 1, h = hc & 1;
-                const bool ok = c + u < c_end;
-                if (hc % HALVES_PER_GROUP == 0) {            // a group starts
-                    z = zero_pair(zcur[j][hc / HALVES_PER_GROUP]);
-                    spair = scur[j][hc / HALVES_PER_GROUP];
-                }
-#pragma unroll
-                for (int jj = 0; jj < 2; ++jj) {
-                    u32 a[4];
-                    q_minus_z(word_of(w[u][j], 2 * h + jj), z, a);
-                    mma16816(part[jj], a, word_of(xv[u][h], 2 * jj), word_of(xv[u][h], 2 * jj + 1));
-                }
-                if ((hc + 1) % HALVES_PER_GROUP == 0 || hc + 1 == 2 * U) {   // the group ends: scale, flush
-                    if (ok) {
-                        const float slo = lo_to_float(spair), shi = hi_to_float(spair);
-                        acc[j][0] += slo * (part[0][0] + part[1][0]);
-                        acc[j][1] += slo * (part[0][1] + part[1][1]);
-                        acc[j][2] += shi * (part[0][2] + part[1][2]);
-                        acc[j][3] += shi * (part[0][3] + part[1][3]);
-                    }
-#pragma unroll
-                    for (int r = 0; r < 8; ++r) part[r >> 2][r & 3] = 0.f;
-                }
-            }
-        }
-    }
-
-    store_warp_sums(acc, warp, lane, nt0, ntiles, M, N, bias, y);
-}
 """
 
 
@@ -390,11 +272,6 @@ class DecodeConfig:
     u: int = 4    # chunks of 64 k loaded per batch (u * 16 bytes in flight a lane per n-tile)
     l2pf: bool = False   # weight loads with the .L2::256B prefetch hint
     il: bool = False     # warps take interleaved batches of u chunks instead of contiguous ranges
-    lean: bool = False   # the bounds-check-free kernel (w4a16_decode_lean); default_config: per LEAN
-
-    @property
-    def kernel_name(self) -> str:
-        return "w4a16_decode_lean" if self.lean else "w4a16_decode"
 
     def options(self, dtype: torch.dtype, group_size: int):
         return (f"-DIS_BF16={int(dtype == torch.bfloat16)}", f"-DGROUP_SIZE={group_size}", f"-DNT={self.nt}",
@@ -407,36 +284,24 @@ class DecodeConfig:
         return -(-(-(-nchunks // self.ks)) // cpg) * cpg
 
 
-def lean_default() -> bool:
-    """Whether default_config takes the lean kernel (LEAN: every group size unless 0)."""
-    return LEAN != "0"
-
-
-def default_config(N: int, K: int, group_size: int, device: int, lean: Optional[bool] = None) -> DecodeConfig:
-    """One n-tile a block, 8 warps splitting K, 4 chunks a batch; 2 when the grid is more than one wave of 32 warps
-    an SM (registers). The measured kernel (the sweep's best on an H200, scripts/bench_kernels.py --sweep 1): 2 at
-    group 32 too, interleaved batches at long K, group 128. The lean kernel (its sweeps on the H100, M=1,
-    scripts/ab_kernels.py): interleaved batches at every group, and at group 64 twice the warps with half the
-    chunks each (the block still reads 32 adjacent chunks a step: 4096x4096 4.95 -> 4.52 us, 11008x4096 11.3 ->
-    10.3); at group 128 a grid of 8-warp blocks just over one wave (up to 1.5) takes 4 warps a block instead
-    (the qkv / up shapes, N x K = 11008 x 4096: 11.0 -> 10.1 us, 12288 x 4096: 11.4 -> 10.7, interleaved; session 7).
-    `lean`: which kernel (None: as LMTRITON_W4A16_DECODE_LEAN says)."""
+def default_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
+    """One n-tile a block, 8 warps splitting K in interleaved batches of 4 chunks (the block reads 32 adjacent
+    chunks a step); 2 chunks a batch when the grid is more than one wave of 32 warps an SM (registers). The sweeps'
+    best on the H100 at M=1 (scripts/ab_kernels.py, session 7): at group 64 twice the warps with half the chunks each
+    (4096x4096 4.95 -> 4.52 us, 11008x4096 11.3 -> 10.3); at group 128 a grid of 8-warp blocks just over one wave
+    (up to 1.5) takes 4 warps a block instead (the qkv / up shapes, N x K = 11008 x 4096: 11.0 -> 10.1 us,
+    12288 x 4096: 11.4 -> 10.7)."""
     sm = _cupy.sm_count(device)
     ntiles, nchunks = N // 16, K // 64
     ks = 8
     while ks > 1 and nchunks < 2 * ks:
         ks //= 2
-    if lean is None:
-        lean = lean_default()
-    u = 2 if ntiles * ks > 32 * sm or (group_size == 32 and not lean) else 4
-    if not lean:
-        # interleaved at long K: 11008x4096 11.7 -> 10.9 us (--sweep 1, H200)
-        return DecodeConfig(nt=1, ks=ks, u=u, il=group_size == 128 and u == 4 and nchunks >= 128)
+    u = 2 if ntiles * ks > 32 * sm else 4
     if group_size == 64 and u == 4 and nchunks >= 4 * ks and ntiles * 2 * ks <= 32 * sm:
         ks, u = 2 * ks, 2
     elif group_size == 128 and ks == 8 and 32 * sm < ntiles * ks <= 48 * sm:
         ks = 4
-    return DecodeConfig(nt=1, ks=ks, u=u, il=True, lean=True)
+    return DecodeConfig(nt=1, ks=ks, u=u, il=True)
 
 
 def supports_tokens(M: int) -> bool:
@@ -444,12 +309,12 @@ def supports_tokens(M: int) -> bool:
 
 
 def gated_config(N: int, K: int, group_size: int, device: int) -> DecodeConfig:
-    """gemv_silu's default: the lean kernel's default_config for the [gate | up] weight, with twice the warps a
+    """gemv_silu's default: default_config for the [gate | up] weight, with twice the warps a
     block (a block computes one tile of gate and one of up, so the warps splitting K over a tile stay as many); where
     that would pass 16 warps (group 64), as many warps with twice the chunks a batch."""
-    cfg = default_config(N, K, group_size, device, lean=True)
+    cfg = default_config(N, K, group_size, device)
     ks, u = (2 * cfg.ks, cfg.u) if cfg.ks <= 8 else (cfg.ks, 2 * cfg.u)
-    return DecodeConfig(nt=1, ks=ks, u=u, l2pf=cfg.l2pf, il=cfg.il, lean=True)
+    return DecodeConfig(nt=1, ks=ks, u=u, l2pf=cfg.l2pf, il=cfg.il)
 
 
 def gated_supported(rt: W4A16Runtime, M: int) -> bool:
@@ -458,16 +323,16 @@ def gated_supported(rt: W4A16Runtime, M: int) -> bool:
 
 
 def gemv_silu(x: torch.Tensor, rt: W4A16Runtime, bias=None, config: DecodeConfig = None) -> torch.Tensor:
-    """silu(gate) * up of a fused [gate | up] projection in the lean GEMV's epilogue (one kernel instead of the
-    GEMV + silu_and_mul): x [M, K] as gemv's, rt's out_features 2I -> y [M, I]. config: lean, nt 1, ks even (ks/2
+    """silu(gate) * up of a fused [gate | up] projection in the GEMV's epilogue (one kernel instead of the
+    GEMV + silu_and_mul): x [M, K] as gemv's, rt's out_features 2I -> y [M, I]. config: nt 1, ks even (ks/2
     warps split K over each of the block's two tiles); None = gated_config."""
     M, K = x.shape
     if not gated_supported(rt, M):
         raise ValueError(f"gemv_silu takes 1..{MAX_TOKENS} tokens and 2I output rows with I a multiple of 16, got "
                          f"{M} tokens and {rt.out_features} rows")
     cfg = config or gated_config(rt.out_features, K, rt.group_size, x.device.index)
-    if not (cfg.lean and cfg.nt == 1 and cfg.ks % 2 == 0):
-        raise ValueError(f"gemv_silu needs the lean kernel, nt=1 and an even ks, got {cfg}")
+    if not (cfg.nt == 1 and cfg.ks % 2 == 0):
+        raise ValueError(f"gemv_silu needs nt=1 and an even ks, got {cfg}")
     return _launch(x, rt, bias, cfg, gated=True)
 
 
@@ -485,7 +350,7 @@ def _launch(x: torch.Tensor, rt: W4A16Runtime, bias, cfg: DecodeConfig, gated: b
     assert x.is_contiguous() and x.data_ptr() % 16 == 0 and K == rt.in_features
     N = rt.out_features
     y = torch.empty(M, N // 2 if gated else N, dtype=x.dtype, device=x.device)
-    kernel = _cupy.get_kernel(_SOURCE, cfg.kernel_name, cfg.options(x.dtype, rt.group_size) + (rt.zero_option,) + (
+    kernel = _cupy.get_kernel(_SOURCE, KERNEL, cfg.options(x.dtype, rt.group_size) + (rt.zero_option,) + (
         ("-DGATED=1",) if gated else ()), x.device.index)
     grid = (N // 32,) if gated else (-(-(N // 16) // cfg.nt),)
     split = DecodeConfig(nt=1, ks=cfg.ks // 2, u=cfg.u) if gated else cfg    # the warps splitting K over a tile
