@@ -3,7 +3,7 @@
   is one noisy sample);
 - dense decode GEMV (dense_decode.py) vs cuBLAS (F.linear), and its whole sweep;
 - tensor-core decode attention, 16 x 4k: exact vs RAW int8/int4 codes (old, new, old again);
-- gate_up + SiLU·mul at 1 and 8 tokens: the lean GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
+- gate_up + SiLU·mul at 1 and 8 tokens: the decode GEMV then silu_and_mul vs gemv_silu (LMTRITON_FUSE_SILU), and a
   sweep of the fused kernel's configurations;
 - split-K W4A16 GEMM at 32-64 tokens, at the automatic split count and at half and twice of it.
 Every time also as a fraction of the copy bandwidth measured in the same run.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The session-5 kernels (lean W4A16 decode GEMV, dense decode GEMV, RAW-code attention) against what they replace,
+# The session-5 kernels (dense decode GEMV, RAW-code attention; the W4A16 decode GEMV they once compared against its
+# predecessor, retired in session 10) against what they replace,
 # in one device call (~6 min): scripts/ab_kernels.py, then the Llama-2-7B shape end to end (fp16, then W4A16 + KV
 # int8; prompt 128 / 128 new, batch 1 and 64) with those switches off, at their defaults, and with the fused
 # SiLU·mul off (LMTRITON_FUSE_SILU=0), twice, interleaved (scripts/ab_e2e.sh).

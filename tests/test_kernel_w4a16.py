@@ -211,7 +211,7 @@ def test_w4a16_paths_match_reference(gpu_linears, K, N, group, dtype, frac):
 @pytest.mark.parametrize("cfg", [None, (2, 1, 0), (2, 2, 1), (8, 4, 0), (8, 2, 1), (16, 4, 1), (16, 1, 0), (6, 8, 1),
                                  (4, 8, 0)])
 def test_gemv_silu_equals_silu_of_the_gemv(gpu_linears, group, frac, cfg):
-    """silu(gate) * up in the lean GEMV's epilogue vs the fp32 reference of the [gate | up] projection, then SiLU·mul:
+    """silu(gate) * up in the decode GEMV's epilogue vs the fp32 reference of the [gate | up] projection, then SiLU·mul:
     K=1216/1280 (uneven whole-group ranges, warps with none), I=864 (54 tiles), biases on, 1-8 tokens."""
     import torch.nn.functional as F
     from backend.kernels.w4a16_decode import DecodeConfig, gemv_silu

@@ -17,7 +17,7 @@ register copies), every load is a running pointer plus an immediate offset, and 
 follows one group at a time. Lanes past the last token read token 0's activations instead of zeros (their output
 columns are never stored). Static SASS per chunk (ptxas 12.9, sm_90, g128 U=4): ~58 instructions, where the first
 kernel of this file (bounds checks in the loop, register copies between batches) had ~96; that kernel was retired in
-session 10 (RETIRED below has its measured times against this one).
+session 10 (its measured times against this one: the comment above KERNEL).
 gemv_silu (GATED; the model's default, LMTRITON_FUSE_SILU=0 turns it off): for a fused [gate | up]
 weight a block runs gate tile t on half its warps and up tile t + I/16 on the other half and stores silu(gate) * up,
 so the MLP's silu_and_mul launch goes away at 1-8 tokens (tests passed on an H100; one kernel 0.7-0.8 us faster than
@@ -42,9 +42,9 @@ from .w4a16_runtime import DEVICE_HELPERS, W4A16Runtime
 
 MAX_TOKENS = 8   # one 8-token mma tile
 KERNEL = "w4a16_decode"
-# The first decode kernel against this one, each at its default (H100, M=1): group 128 4096x4096 5.49 -> 4.16 us,
-# 4096x11008 12.6 -> 10.9, 11008x4096 10.9 -> 9.3; groups 64 / 32 4096x4096 5.82 -> 4.52 us and 6.49 -> 4.95,
-# 11008x4096 12.0 -> 10.3 and 14.3 -> 10.1 (docs/benchmarks.md, session 7); at M=8: RETIRED_M8 (session 10).
+# The retired first decode kernel against this one, each at its default (H100, scripts/ab_kernels.py before the
+# retirement, docs/benchmarks.md session 10), M=1 / M=8: 4096x4096 g128 5.51 -> 4.19 / 5.63 -> 4.64 us, g32 6.52 ->
+# 4.96 / 6.95 -> 5.18; 11008x4096 g128 10.69 -> 9.14 / 13.00 -> 10.65, g32 14.45 -> 10.04 / 14.80 -> 11.57.
 
 _SOURCE = DEVICE_HELPERS + r"""
 // -D: IS_BF16, GROUP_SIZE, NT (n-tiles per block), KS (warps per block splitting K), U (chunks per load batch),
