@@ -24,7 +24,9 @@ so the MLP's silu_and_mul launch goes away at 1-8 tokens (tests passed on an H10
 the two at 4096x22016, +0.4% end to end: docs/benchmarks.md, session 7).
 A per-lane cp.async shared-memory ring (more bytes in flight, no registers held) measured no faster (H200,
 2026-11-22: 11008x4096 12.1-25 us against 11.7), and neither did an L2 prefetch of the warp's next chunks before
-the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 413 with 16 chunks): not kept.
+the PDL wait (W4A16 + KV int8 bs=1 end to end with PDL: 450 tok/s without it, 413 with 16 chunks): not kept. Two
+batches in registers before the wait instead of one measured no faster either (H100, session 10: bs=1 479.4 / 481.1
+tok/s against 479.5 / 490.8, bs=8 -5 to -7%).
 Nor did the RMSNorm in the prologue (every block normalizes the tokens into shared memory, block 0 stores the
 residual; 64 launches a 7B step fewer): correct, but W4A16 + KV int8 bs=1 503.7 / 502.5 tok/s against 505.3 / 501.3
 unfused, bs=2 -3%, bs=4 -21% (H100, session 10; commit 5b77d49 has it): the grid-wide wait for the hidden state
