@@ -46,7 +46,7 @@ def w4a16_rows(bw: float) -> list:
 
                 def us(c):
                     return graph_ms(over(pool, lambda lin: w4a16_decode.gemv(x, lin.runtime, None, c)), len(pool)) * 1e3
-                r = dict(K=K, N=N, g=group, M=M, cfg=str(cfg), us=us(cfg))
+                r = dict(K=K, N=N, g=group, M=M, cfg=str(cfg), gemv_us=us(cfg))
                 if M == 1:    # at groups 64 / 32 too
                     r["sweep"] = sorted((round(us(c), 3), str(c)) for c in sweep)    # all of it: the best is noisy
                     r["best_us"], r["best_cfg"] = r["sweep"][0]
