@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of a session's end, in one device call (<= 9.5 min), most important first. Nothing is owed after
-# session 9 (every change in the tree passed its GPU tests, docs/benchmarks.md session 9); what it runs:
+# session 10 (every change in the tree passed its GPU tests, docs/benchmarks.md sessions 9 and 10); what it runs:
 # 1. decode attention alone (16 x 4k, every KV dtype, both kernels) with each way of combining the splits
 #    (LMTRITON_SPLIT_REDUCE=kernel | block | auto, the default: block on small grids only), same machine;
 # 2. the wgmma W4A16 GEMM prototype (scripts/proto_wgmma_gemm.py --time) against the split-K mma.sync GEMM;

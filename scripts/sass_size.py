@@ -29,10 +29,6 @@ def nvrtc_output(source: str, options, arch: str = "compute_90", cubin: bool = F
     return out if isinstance(out, bytes) else bytes(out) if cubin else out.encode()
 
 
-def ptx(source: str, options) -> bytes:
-    return nvrtc_output(source, options)
-
-
 def text_sizes(cubin: bytes) -> dict:
     """{kernel: instructions} from the ELF section headers (.text.<kernel>)."""
     shoff, = struct.unpack_from("<Q", cubin, 0x28)
@@ -52,7 +48,7 @@ def sass_size(source: str, kernel: str, options, ptxas: str):
     with tempfile.TemporaryDirectory() as td:
         p, c = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
         with open(p, "wb") as f:
-            f.write(ptx(source, options))
+            f.write(nvrtc_output(source, options))
         r = subprocess.run([ptxas, "-arch=sm_90", "-v", p, "-o", c], capture_output=True, text=True, check=True)
         with open(c, "rb") as f:
             sizes = text_sizes(f.read())
